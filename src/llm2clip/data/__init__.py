@@ -1,0 +1,1 @@
+"""Data: caption sets and image-caption datasets, built-in and from files."""

@@ -1,0 +1,60 @@
+"""CRA, caption retrieval accuracy (METHOD.md 4 and 8).
+
+Every caption is a query against all *other* captions of the pool; a query hits at K when one
+of its top-K neighbours (cosine) shares its group (the same image, or the same subject). Queries
+whose group has no other caption cannot hit and are left out of the mean (counted in the
+result). Similarities are computed a chunk of queries at a time, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+
+
+def group_ids(groups: Sequence[Hashable]) -> torch.Tensor:
+    _, inverse = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    return torch.as_tensor(inverse, dtype=torch.long)
+
+
+def caption_retrieval_accuracy(
+    embeddings: torch.Tensor,
+    groups: Sequence[Hashable],
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int | None = None,
+    max_chunk_bytes: int = 256 << 20,
+) -> dict:
+    """R@K for each K, plus ``pool_size`` and ``queries`` (queries with at least one positive)."""
+    if embeddings.ndim != 2:
+        raise InputError(f"embeddings must be [N, D], got shape {tuple(embeddings.shape)}")
+    n = embeddings.shape[0]
+    if len(groups) != n:
+        raise InputError(f"{len(groups)} group ids for {n} embeddings")
+    if n < 2:
+        raise InputError("CRA needs a pool of at least 2 captions")
+    emb = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+    g = group_ids(groups)
+    counts = torch.bincount(g)
+    has_pos = counts[g] > 1
+    kmax = min(max(ks), n - 1)
+    if chunk_size is None:
+        chunk_size = max(1, max_chunk_bytes // (4 * n))
+    hits = torch.zeros(len(ks), dtype=torch.long)
+    for s in range(0, n, chunk_size):
+        q = emb[s : s + chunk_size]
+        sims = q @ emb.T
+        rows = torch.arange(q.shape[0])
+        sims[rows, rows + s] = float("-inf")  # a caption never retrieves itself
+        top = sims.topk(kmax, dim=1).indices
+        same = g[top] == g[s : s + chunk_size, None]
+        valid = has_pos[s : s + chunk_size]
+        for j, k in enumerate(ks):
+            hits[j] += (same[:, :k].any(1) & valid).sum()
+    queries = int(has_pos.sum())
+    out = {f"R@{k}": (hits[j].item() / queries if queries else float("nan")) for j, k in enumerate(ks)}
+    out.update(pool_size=n, queries=queries)
+    return out

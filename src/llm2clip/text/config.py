@@ -1,0 +1,76 @@
+"""Configs of the text encoders: the LLM caption encoder and the baselines it is compared with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, field_validator
+
+from ..config import StrictModel
+
+Pooling = Literal["mean", "weighted_mean", "last_token", "first_token"]
+Template = Literal["none", "tokenizer", "llama3"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class LLMEncoderConfig(StrictModel):
+    """A decoder LLM used as a caption encoder (METHOD.md 1.1, 2 and 6).
+
+    The template and instruction are explicit: nothing is inferred from the model's name.
+    """
+
+    kind: Literal["llm"] = "llm"
+    model: str = Field(description="an alias (smollm2-135m-instruct), a local HF directory, a .gguf file, or a hub id")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `model` when `model` is a directory")
+    adapters: list[str] = Field(default_factory=list, description="LoRA adapter directories merged in order")
+    bidirectional: bool = True
+    pooling: Pooling = "mean"
+    template: Template = Field("none", description="none, tokenizer (its own chat template) or llama3 (user turn)")
+    instruction: str | None = Field(None, description="put before the caption as '<instruction>; '")
+    pool_template_suffix: bool = Field(
+        True, description="also pool the template's closing tokens (e.g. <|eot_id|>), as the released encoders do"
+    )
+    max_length: int = Field(512, ge=8)
+    dtype: DType = "float32"
+    batch_size: int = Field(32, ge=1)
+    device: str = "cpu"
+    attn_implementation: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description="auto: SDPA where the family supports it, else eager (Gemma 2)"
+    )
+
+    @field_validator("instruction")
+    @classmethod
+    def _strip_instruction(cls, v: str | None) -> str | None:
+        return v.strip() or None if isinstance(v, str) else v
+
+    def resolve_paths(self, base: Path) -> None:
+        def fix(p: str) -> str:
+            q = Path(p).expanduser()
+            return str(base / q) if not q.is_absolute() and (p.startswith(".") or (base / q).exists()) else p
+
+        self.model = fix(self.model)
+        self.adapters = [fix(a) for a in self.adapters]
+
+
+class SentenceEncoderConfig(StrictModel):
+    """A BERT-style sentence encoder with mean pooling (all-MiniLM-L6-v2): the non-LLM baseline."""
+
+    kind: Literal["sentence"] = "sentence"
+    model: str = "all-minilm-l6-v2"
+    max_length: int = Field(256, ge=8)
+    batch_size: int = Field(64, ge=1)
+    device: str = "cpu"
+
+
+class RandomEncoderConfig(StrictModel):
+    """Random vectors: the chance floor of every caption metric."""
+
+    kind: Literal["random"] = "random"
+    dim: int = Field(576, ge=1)
+    seed: int = 0
+
+
+TextEncoderConfig = Annotated[
+    Union[LLMEncoderConfig, SentenceEncoderConfig, RandomEncoderConfig], Field(discriminator="kind")
+]

@@ -1,0 +1,199 @@
+"""CaptionEncoder: a decoder LLM, bidirectional, pooled over the caption tokens."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, InputError
+from .attention import attention_inputs
+from .config import LLMEncoderConfig
+from .loading import DTYPES, load_base_model, load_tokenizer, merge_adapters, resolve_source, weight_hash
+from .pooling import pool
+from .template import PromptFormat, prompt_format
+
+log = logging.getLogger(__name__)
+
+ENCODER_MANIFEST = "llm2clip_encoder.json"
+
+
+@dataclass
+class TokenizedCaption:
+    ids: list[int]
+    pool_start: int  # pooled span [pool_start, pool_end) within ids
+    pool_end: int
+    truncated: bool
+
+
+@dataclass
+class CaptionBatch:
+    input_ids: torch.Tensor  # [B, T], left padded
+    token_mask: torch.Tensor  # [B, T] real tokens
+    pool_mask: torch.Tensor  # [B, T] pooled tokens
+
+    def to(self, device) -> "CaptionBatch":
+        return CaptionBatch(self.input_ids.to(device), self.token_mask.to(device), self.pool_mask.to(device))
+
+
+def check_captions(captions: Sequence, where: str = "caption") -> list[str]:
+    """Non-empty strings only; the error names the index of the first bad one."""
+    if isinstance(captions, str):
+        raise InputError("captions must be a list of strings, not one string")
+    out = []
+    for i, c in enumerate(captions):
+        if not isinstance(c, str):
+            raise InputError(f"{where} {i}: expected a string, got {type(c).__name__}")
+        if not c.strip():
+            raise InputError(f"{where} {i}: empty caption")
+        out.append(c.strip())
+    return out
+
+
+class CaptionEncoder:
+    """Encodes captions with an LLM: ``encode(captions) -> Tensor[N, D]`` in input order."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, config: LLMEncoderConfig, identity: dict | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.prompt: PromptFormat = prompt_format(tokenizer, config.template, config.instruction)
+        room = config.max_length - len(self.prompt.prefix_ids) - len(self.prompt.suffix_ids)
+        if room < 1:
+            raise ConfigError(f"max_length: {config.max_length} leaves no room for the caption after the template")
+        self.max_caption_tokens = room
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ConfigError("the tokenizer has neither a pad nor an EOS token to pad with")
+        self.pad_id = int(pad)
+        self._identity = identity or {}
+        self.truncated_count = 0
+
+    # ----------------------------------------------------------------------------- loading
+    @classmethod
+    def from_config(cls, config: LLMEncoderConfig) -> "CaptionEncoder":
+        source = resolve_source(config.model, config.gguf_file)
+        manifest = Path(source.path) / ENCODER_MANIFEST
+        base_identity = json.loads(manifest.read_text())["identity"] if manifest.is_file() else None
+        tokenizer = load_tokenizer(source)
+        model = load_base_model(source, attn_implementation=config.attn_implementation)
+        if config.adapters:
+            model = merge_adapters(model, config.adapters)
+        identity = {
+            "base_model": (base_identity or {}).get("base_model", config.model),
+            "weight_hash": weight_hash(model),
+            "adapters": [*(base_identity or {}).get("adapters", []), *[Path(a).name for a in config.adapters]],
+        }
+        model.to(device=config.device, dtype=DTYPES[config.dtype]).eval()
+        model.requires_grad_(False)
+        return cls(model, tokenizer, config, identity)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides) -> "CaptionEncoder":
+        """Load a saved caption encoder directory, with its settings from its manifest."""
+        manifest = Path(path) / ENCODER_MANIFEST
+        if not manifest.is_file():
+            raise ConfigError(f"{path}: no {ENCODER_MANIFEST}; not a saved caption encoder")
+        settings = json.loads(manifest.read_text())["encoder"]
+        settings.update(model=str(path), adapters=[], gguf_file=None, **overrides)
+        return cls.from_config(LLMEncoderConfig(**settings))
+
+    def save(self, path: str | Path) -> None:
+        """Weights (merged), tokenizer and the manifest that pins this encoder's identity."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        settings = self.config.model_dump(exclude={"model", "adapters", "gguf_file", "device"})
+        (path / ENCODER_MANIFEST).write_text(json.dumps({"encoder": settings, "identity": self.identity()}, indent=2))
+
+    def identity(self) -> dict:
+        """Everything that changes an embedding: recorded in stores and checkpoints, checked on use."""
+        c = self.config
+        return {
+            **self._identity,
+            "bidirectional": c.bidirectional,
+            "pooling": c.pooling,
+            "template": c.template,
+            "prefix": self.prompt.prefix_text,
+            "suffix": self.prompt.suffix_text,
+            "pool_template_suffix": c.pool_template_suffix,
+            "instruction": c.instruction,
+            "max_length": c.max_length,
+            "dim": self.dim,
+        }
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---------------------------------------------------------------------------- tokens
+    def tokenize(self, captions: Sequence[str]) -> list[TokenizedCaption]:
+        captions = check_captions(captions)
+        lead = self.prompt.caption_lead
+        body = self.tokenizer([lead + c for c in captions], add_special_tokens=False)["input_ids"]
+        pre, suf = list(self.prompt.prefix_ids), list(self.prompt.suffix_ids)
+        out = []
+        for i, ids in enumerate(body):
+            if not ids:
+                raise InputError(f"caption {i}: encodes to zero tokens: {captions[i]!r}")
+            truncated = len(ids) > self.max_caption_tokens
+            ids = ids[: self.max_caption_tokens]
+            end = len(pre) + len(ids) + (len(suf) if self.config.pool_template_suffix else 0)
+            out.append(TokenizedCaption(pre + ids + suf, len(pre), end, truncated))
+        return out
+
+    def collate(self, items: Sequence[TokenizedCaption], padding_side: str = "left") -> CaptionBatch:
+        T = max(len(t.ids) for t in items)
+        ids = torch.full((len(items), T), self.pad_id, dtype=torch.long)
+        tok = torch.zeros(len(items), T, dtype=torch.bool)
+        pm = torch.zeros(len(items), T, dtype=torch.bool)
+        for b, t in enumerate(items):
+            off = T - len(t.ids) if padding_side == "left" else 0
+            ids[b, off : off + len(t.ids)] = torch.tensor(t.ids)
+            tok[b, off : off + len(t.ids)] = True
+            pm[b, off + t.pool_start : off + t.pool_end] = True
+        return CaptionBatch(ids, tok, pm)
+
+    # --------------------------------------------------------------------------- forward
+    def hidden_states(self, batch: CaptionBatch) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        extra = attention_inputs(batch.token_mask, bidirectional=self.config.bidirectional, dtype=dtype)
+        out = self.model(input_ids=batch.input_ids, use_cache=False, **extra)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def forward(self, batch: CaptionBatch) -> torch.Tensor:
+        """Pooled embeddings [B, D] in the model's dtype; differentiable (used by stage 1 too)."""
+        return pool(self.hidden_states(batch), batch.pool_mask, batch.token_mask, self.config.pooling)
+
+    __call__ = forward
+
+    @torch.inference_mode()
+    def encode(self, captions: Sequence[str], batch_size: int | None = None, progress: bool | None = None) -> torch.Tensor:
+        """Embeddings [N, D] (float32, CPU) in input order; batches sorted by length."""
+        items = self.tokenize(captions)
+        self.truncated_count = sum(t.truncated for t in items)
+        if self.truncated_count:
+            log.warning("%d of %d captions truncated to max_length=%d", self.truncated_count, len(items),
+                        self.config.max_length)
+        bs = batch_size or self.config.batch_size
+        order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
+        out = torch.empty(len(items), self.dim, dtype=torch.float32)
+        bar = tqdm(total=len(items), unit="caption", desc="encode", disable=not progress if progress is not None else None,
+                   leave=False)
+        for s in range(0, len(order), bs):
+            idx = order[s : s + bs]
+            batch = self.collate([items[i] for i in idx]).to(self.device)
+            out[idx] = self.forward(batch).float().cpu()
+            bar.update(len(idx))
+        bar.close()
+        return out
