@@ -6,6 +6,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Converted models (the SmolLM2 GGUF) are cached inside the checkout between runs.
+os.environ.setdefault("LLM2CLIP_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "llm2clip"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import make_tiny_llm  # noqa: E402

@@ -20,7 +20,12 @@ def tiny_tokenizer(bos: bool = True):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + [".", ",", ";"])}
+    # The byte-level symbols let families whose tokenizer class is rebuilt as byte-level BPE
+    # (Qwen2 in transformers 5) still cover any text, one byte per token.
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = [c for c in bytes_to_unicode().values() if c not in WORDS]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(SPECIALS + WORDS + [".", ",", ";"] + symbols))}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     if bos:

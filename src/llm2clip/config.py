@@ -22,32 +22,41 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
-    """Line (1-based) of the YAML node at ``loc``, or of its deepest existing parent."""
-    line = None if node is None else node.start_mark.line + 1
-    for key in loc:
-        if isinstance(node, yaml.MappingNode):
-            nxt = next((v for k, v in node.value if getattr(k, "value", None) == str(key)), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            nxt = node.value[key]
+def _child(node: yaml.Node | None, key) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode):
+        return next((v for k, v in node.value if getattr(k, "value", None) == str(key)), None)
+    if isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+        return node.value[key]
+    return None
+
+
+def _locate(root: yaml.Node | None, loc: tuple) -> tuple[int | None, str]:
+    """(line, dotted field name) of an error location in the YAML tree.
+
+    Pydantic puts the tag of a discriminated union into ``loc`` (``encoder.llm.pooling``); a
+    part that is no key at its level while the next part is, is such a tag and is dropped.
+    """
+    node, line, shown = root, (root.start_mark.line + 1 if root is not None else None), []
+    for i, key in enumerate(loc):
+        nxt = _child(node, key)
+        if nxt is None and i + 1 < len(loc) and _child(node, loc[i + 1]) is not None:
+            continue
+        shown.append(str(key))
+        if nxt is not None:
+            node, line = nxt, nxt.start_mark.line + 1
         else:
-            nxt = None
-        if nxt is None:
-            break
-        node, line = nxt, nxt.start_mark.line + 1
-    return line
+            node = None
+    return line, ".".join(shown)
 
 
 def format_validation_error(err: ValidationError, source: str, root: yaml.Node | None = None) -> str:
     lines = [f"{source}: invalid config"]
     for e in err.errors():
-        loc = tuple(e["loc"])
-        field = ".".join(str(p) for p in loc) or "(top level)"
-        line = _line_of(root, loc)
+        line, field = _locate(root, tuple(e["loc"]))
         where = f"{source}:{line}" if line else source
         got = e.get("input")
         got_s = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
-        lines.append(f"  {where}: {field}: {e['msg']}{got_s}")
+        lines.append(f"  {where}: {field or '(top level)'}: {e['msg']}{got_s}")
     return "\n".join(lines)
 
 
@@ -76,7 +85,15 @@ def load_config(path: str | Path, cls: type[T]) -> T:
 
 
 def _resolve_paths(cfg: BaseModel, base: Path) -> None:
-    """Relative paths in a config are relative to the config file, so configs travel."""
+    """Relative paths in a config are relative to the config file, so configs travel.
+
+    Every nested config with a ``resolve_paths(base)`` method fixes its own path fields.
+    """
     hook = getattr(cfg, "resolve_paths", None)
     if callable(hook):
         hook(base)
+    for name in type(cfg).model_fields:
+        value = getattr(cfg, name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, BaseModel):
+                _resolve_paths(item, base)

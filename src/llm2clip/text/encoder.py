@@ -73,25 +73,37 @@ class CaptionEncoder:
         self.pad_id = int(pad)
         self._identity = identity or {}
         self.truncated_count = 0
+        self.lm = None
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
-    def from_config(cls, config: LLMEncoderConfig) -> "CaptionEncoder":
+    def from_config(cls, config: LLMEncoderConfig, with_lm_head: bool = False) -> "CaptionEncoder":
+        """Load, merge adapters, cast. ``with_lm_head`` also keeps the LM head (for MNTP) as
+        ``encoder.lm``, which shares the encoder's body."""
         source = resolve_source(config.model, config.gguf_file)
         manifest = Path(source.path) / ENCODER_MANIFEST
         base_identity = json.loads(manifest.read_text())["identity"] if manifest.is_file() else None
         tokenizer = load_tokenizer(source)
-        model = load_base_model(source, attn_implementation=config.attn_implementation)
+        lm = None
+        if with_lm_head:
+            lm = load_base_model(source, causal_lm=True, attn_implementation=config.attn_implementation)
+            model = lm.get_decoder()
+        else:
+            model = load_base_model(source, attn_implementation=config.attn_implementation)
         if config.adapters:
             model = merge_adapters(model, config.adapters)
+            if lm is not None:
+                lm.set_decoder(model)
         identity = {
             "base_model": (base_identity or {}).get("base_model", config.model),
             "weight_hash": weight_hash(model),
             "adapters": [*(base_identity or {}).get("adapters", []), *[Path(a).name for a in config.adapters]],
         }
-        model.to(device=config.device, dtype=DTYPES[config.dtype]).eval()
-        model.requires_grad_(False)
-        return cls(model, tokenizer, config, identity)
+        (lm or model).to(device=config.device, dtype=DTYPES[config.dtype]).eval()
+        (lm or model).requires_grad_(False)
+        enc = cls(model, tokenizer, config, identity)
+        enc.lm = lm
+        return enc
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> "CaptionEncoder":

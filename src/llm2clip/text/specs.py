@@ -3,16 +3,19 @@
     smollm2                                  the caption encoder on SmolLM2-135M-Instruct
     smollm2:bidirectional=false,template=tokenizer
     minilm | random | path/to/encoder.yaml
+    runs/stage1/encoder                      a saved caption encoder (its manifest holds the settings)
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
 from ..config import StrictModel, load_config, parse_config
 from ..errors import ConfigError
 from .config import TextEncoderConfig
+from .encoder import ENCODER_MANIFEST
 
 PRESETS: dict[str, dict] = {
     "smollm2": {"kind": "llm", "model": "smollm2-135m-instruct"},
@@ -32,9 +35,16 @@ def parse_encoder_spec(spec: str):
             raise ConfigError(f"{spec}: encoder config file not found")
         return load_config(spec, _EncoderFile).encoder
     name, _, rest = spec.partition(":")
+    manifest = Path(name) / ENCODER_MANIFEST
+    if manifest.is_file():
+        data = {**json.loads(manifest.read_text())["encoder"], "kind": "llm", "model": name}
+        return _with_overrides(spec, data, rest)
     if name not in PRESETS:
-        raise ConfigError(f"unknown encoder {name!r}: one of {', '.join(PRESETS)} or a .yaml file")
-    data = dict(PRESETS[name])
+        raise ConfigError(f"unknown encoder {name!r}: one of {', '.join(PRESETS)}, a saved encoder directory, or a .yaml file")
+    return _with_overrides(spec, dict(PRESETS[name]), rest)
+
+
+def _with_overrides(spec: str, data: dict, rest: str):
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
