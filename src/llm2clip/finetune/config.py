@@ -1,0 +1,92 @@
+"""The stage-1 config: `llm2clip finetune-text CONFIG`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..config import StrictModel
+from ..text.config import LLMEncoderConfig
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraSettings(StrictModel):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    top_layers: int | None = Field(None, ge=1, description="LoRA on the top N layers only (None: every layer)")
+
+
+class DataSettings(StrictModel):
+    cupl_train: bool = Field(True, description="the CuPL training classes as caption groups")
+    cupl_per_class: int | None = Field(20, ge=2, description="descriptions per CuPL class (None: all)")
+    groups: list[str] = Field(default_factory=list, description="JSONL files of caption groups")
+    text: list[str] = Field(default_factory=list, description=(
+        "plain-text corpora (one document per line): MNTP's text; in contrastive runs, mixed in as "
+        "unsupervised SimCSE pairs (a document and itself under dropout)"))
+    heldout_text_fraction: float = Field(0.05, ge=0, lt=1, description="MNTP: share of blocks held out for eval")
+
+    def resolve_paths(self, base: Path) -> None:
+        self.groups = [str(base / p) if not Path(p).is_absolute() else p for p in self.groups]
+        self.text = [str(base / p) if not Path(p).is_absolute() else p for p in self.text]
+
+
+class ContrastiveSettings(StrictModel):
+    batch_size: int = Field(64, ge=2, description="pairs per step, over all processes")
+    chunk_size: int | None = Field(None, ge=1, description="gradient caching: sequences per forward (None: all at once)")
+    scale: float = Field(50.0, gt=0, description="logit scale (1 / temperature)")
+    hard_negatives: bool = True
+    mask_same_group: bool = True
+    symmetric: bool = False
+    query_instruction: str | None = Field(None, description="instruction on queries only (documents get the encoder's)")
+    cache_trunk: bool = Field(True, description="with lora.top_layers, compute the frozen layers once per caption")
+
+
+class MNTPSettings(StrictModel):
+    mask_probability: float = Field(0.2, gt=0, lt=1)
+    mask_token: str = "_"
+    block_size: int = Field(128, ge=8)
+    batch_size: int = Field(8, ge=1)
+
+
+class OptimSettings(StrictModel):
+    steps: int = Field(200, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    grad_clip: float | None = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "bf16"
+    grad_checkpointing: bool = False
+    seed: int = 42
+
+
+class EvalSettings(StrictModel):
+    every: int = Field(0, ge=0, description="CRA every N steps (0: only at the end)")
+    cupl_classes: int = Field(200, ge=2)
+    per_class: int = Field(5, ge=2)
+    mask_class_names: bool = False
+
+
+class FinetuneConfig(StrictModel):
+    objective: Literal["contrastive", "mntp"] = "contrastive"
+    encoder: LLMEncoderConfig
+    out: str = Field(description="run folder (relative to the working directory): checkpoints, metrics.jsonl, adapter/, encoder/")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    contrastive: ContrastiveSettings = Field(default_factory=ContrastiveSettings)
+    mntp: MNTPSettings = Field(default_factory=MNTPSettings)
+    optim: OptimSettings = Field(default_factory=OptimSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    save_every: int = Field(50, ge=1, description="checkpoint every N steps (and at the end)")
+    log_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.objective == "mntp" and not (self.data.text or self.data.cupl_train or self.data.groups):
+            raise ValueError("mntp needs text: data.text, data.groups or data.cupl_train")
+        return self

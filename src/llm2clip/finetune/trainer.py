@@ -1,0 +1,342 @@
+"""The stage-1 training loop: caption-contrastive or MNTP LoRA fine-tuning of the caption encoder.
+
+Resumable exactly: batches are a pure function of (seed, step), and a checkpoint holds the
+LoRA weights, optimizer, scheduler and RNG states. Data parallel over torchrun processes: each
+rank takes its slice of the global batch, contrastive embeddings are gathered with gradients,
+and gradients are averaged over ranks after every backward (explicitly rather than through
+DDP hooks, which would fire once per chunk under gradient caching).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from ..data.captions import cupl_caption_set
+from ..errors import ConfigError
+from ..eval.cra import caption_retrieval_accuracy
+from ..text.encoder import ENCODER_MANIFEST, CaptionEncoder
+from .config import FinetuneConfig
+from .contrastive import distributed_contrastive_loss, grad_cached_backward, world
+from .data import CaptionGroup, GroupedCaptions, PairSampler, cupl_train_groups, load_groups_jsonl, load_text_corpus, merge_groups
+from .lora import TrunkCache, add_lora, inner_body
+from .mntp import mask_id_and_blocks, mask_tokens, mntp_evaluate, mntp_loss, special_mask
+
+log = logging.getLogger(__name__)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        frac = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 1 - frac) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+    return f
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Stage1Trainer:
+    def __init__(self, cfg: FinetuneConfig, progress: bool | None = None):
+        self.cfg = cfg
+        self.rank, self.world = world()
+        self.out = Path(cfg.out)
+        self.progress = progress
+        self.ckpt_dir = self.out / "checkpoints"
+        if self.cfg.contrastive.batch_size % self.world:
+            raise ConfigError(f"contrastive.batch_size {cfg.contrastive.batch_size} is not divisible by {self.world} processes")
+        torch.manual_seed(cfg.optim.seed)  # the same LoRA initialisation on every rank
+
+        ecfg = cfg.encoder.model_copy(update={"dtype": "float32"})  # fp32 master weights; bf16 via autocast
+        mntp = cfg.objective == "mntp"
+        self.encoder = CaptionEncoder.from_config(ecfg, with_lm_head=mntp)
+        self.base_identity = dict(self.encoder.identity())
+        body = self.encoder.model
+        if cfg.optim.grad_checkpointing:
+            body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        L = cfg.lora
+        self.peft = add_lora(body, L.r, L.alpha, L.dropout, L.target_modules, L.top_layers)
+        self.encoder.model = self.peft
+        if mntp:
+            self.encoder.lm.set_decoder(self.peft)
+        self.params = [p for p in self.peft.parameters() if p.requires_grad]
+        if self.world > 1:
+            for p in self.params:
+                dist.broadcast(p.data, 0)
+        # per-rank streams from here on (dropout masks differ across ranks, as in DDP)
+        torch.manual_seed(cfg.optim.seed + self.rank)
+        random.seed(cfg.optim.seed + self.rank)
+        np.random.seed((cfg.optim.seed + self.rank) % 2**32)
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.steps))
+        self.step = 0
+        self.trunk = None
+        if not mntp and L.top_layers and cfg.contrastive.cache_trunk and L.top_layers < body.config.num_hidden_layers:
+            self.trunk = TrunkCache(self.encoder, L.top_layers, autocast=self.autocast)
+        self.query_encoder = CaptionEncoder(
+            self.peft, self.encoder.tokenizer,
+            self.encoder.config.model_copy(update={"instruction": cfg.contrastive.query_instruction}))
+        self._data()
+
+    # ------------------------------------------------------------------------------ data
+    def _data(self) -> None:
+        c = self.cfg
+        parts: list[GroupedCaptions] = []
+        if c.data.cupl_train:
+            parts.append(cupl_train_groups(c.data.cupl_per_class, seed=c.optim.seed))
+        parts += [load_groups_jsonl(p) for p in c.data.groups]
+        if c.objective == "contrastive" and c.data.text:
+            # pure text mixed in as unsupervised SimCSE pairs: a document and itself, told apart by dropout
+            docs = [t for p in c.data.text for t in load_text_corpus(p)]
+            parts.append(GroupedCaptions([CaptionGroup(f"text:{i}", [d, d]) for i, d in enumerate(docs)]))
+        self.groups = merge_groups(parts) if parts else GroupedCaptions()
+        if c.objective == "contrastive":
+            self.sampler = PairSampler(self.groups, seed=c.optim.seed, hard_negatives=c.contrastive.hard_negatives)
+        else:
+            docs = [t for p in c.data.text for t in load_text_corpus(p)] + self.groups.all_captions()
+            self.mask_id, blocks = mask_id_and_blocks(self.encoder.tokenizer, docs, c.mntp)
+            rng = random.Random(c.optim.seed)
+            rng.shuffle(blocks)
+            n_eval = max(1, int(len(blocks) * c.data.heldout_text_fraction)) if c.data.heldout_text_fraction else 0
+            self.eval_blocks, self.train_blocks = blocks[:n_eval], blocks[n_eval:]
+            if not self.train_blocks:
+                raise ConfigError("mntp: the text gives no training block; add text or lower mntp.block_size")
+        e = c.eval
+        self.eval_set = cupl_caption_set("heldout", e.cupl_classes, e.per_class, e.mask_class_names)
+
+    def autocast(self):
+        if self.cfg.optim.precision != "bf16":
+            return nullcontext()
+        return torch.autocast(device_type=torch.device(self.cfg.encoder.device).type, dtype=torch.bfloat16)
+
+    # ------------------------------------------------------------------------------ steps
+    def embed_items(self, items) -> torch.Tensor:
+        batch = self.encoder.collate(items).to(self.encoder.device)
+        with self.autocast():
+            return self.trunk.forward(items, batch) if self.trunk else self.encoder.forward(batch)
+
+    def contrastive_step(self) -> dict:
+        c = self.cfg.contrastive
+        B = c.batch_size // self.world
+        pairs = self.sampler.batch(self.step, c.batch_size)[self.rank * B : (self.rank + 1) * B]
+        if len(pairs) < B:
+            raise ConfigError(f"contrastive.batch_size {c.batch_size} is larger than the number of groups")
+        q_items = self.query_encoder.tokenize([p.query for p in pairs])
+        docs = [p.positive for p in pairs] + ([p.negative for p in pairs] if c.hard_negatives else [])
+        items = q_items + self.encoder.tokenize(docs)
+        groups = torch.tensor([p.group for p in pairs])
+        doc_groups = torch.cat([groups, torch.tensor([p.negative_group for p in pairs])]) if c.hard_negatives else groups
+        order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        size = c.chunk_size or len(items)
+        chunks = [[items[i] for i in order[s : s + size]] for s in range(0, len(order), size)]
+
+        def loss_fn(emb_sorted):
+            emb = emb_sorted[inverse]
+            return distributed_contrastive_loss(
+                emb[:B], emb[B:], torch.arange(B), groups, doc_groups, scale=c.scale,
+                mask_same_group=c.mask_same_group, symmetric=c.symmetric)
+
+        loss = grad_cached_backward(self.embed_items, chunks, loss_fn)
+        return {"loss": loss.item()}
+
+    def mntp_step(self) -> dict:
+        m = self.cfg.mntp
+        rng = random.Random(f"{self.cfg.optim.seed}:{self.step}")
+        bs = m.batch_size * self.world
+        idx = [rng.randrange(len(self.train_blocks)) for _ in range(bs)][self.rank * m.batch_size:][: m.batch_size]
+        part = [self.train_blocks[i] for i in idx]
+        T = max(len(b) for b in part)
+        tok = self.encoder.tokenizer
+        ids = torch.full((len(part), T), self.encoder.pad_id, dtype=torch.long)
+        tm = torch.zeros(len(part), T, dtype=torch.bool)
+        for i, b in enumerate(part):
+            ids[i, : len(b)] = torch.tensor(b)
+            tm[i, : len(b)] = True
+        g = torch.Generator().manual_seed(hash((self.cfg.optim.seed, self.step, self.rank)) % 2**62)
+        vocab = self.encoder.lm.get_output_embeddings().weight.shape[0]
+        inputs, labels = mask_tokens(ids, special_mask(tok, ids) | ~tm, self.mask_id, vocab, g, m.mask_probability)
+        dev = self.encoder.device
+        with self.autocast():
+            loss, info = mntp_loss(self.encoder.lm, inputs.to(dev), labels.to(dev), tm.to(dev),
+                                   self.cfg.encoder.bidirectional)
+        loss.backward()
+        return {"loss": loss.item(), "masked_accuracy": info["masked_accuracy"]}
+
+    def _sync_grads(self) -> None:
+        if self.world == 1:
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= self.world
+
+    def train_step(self) -> dict:
+        self.peft.train()
+        self.opt.zero_grad(set_to_none=True)
+        info = self.contrastive_step() if self.cfg.objective == "contrastive" else self.mntp_step()
+        self._sync_grads()
+        if self.world > 1:  # log the global-batch loss, not this rank's share
+            t = torch.tensor([info["loss"]], dtype=torch.float64)
+            dist.all_reduce(t)
+            info["loss"] = t.item() / self.world
+        if self.cfg.optim.grad_clip:
+            info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip))
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        info["lr"] = self.sched.get_last_lr()[0]
+        return info
+
+    # ----------------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.peft.eval()
+        if self.cfg.objective == "mntp":
+            res = mntp_evaluate(self.encoder.lm, self.encoder.tokenizer, self.eval_blocks, self.mask_id) \
+                if self.eval_blocks else {}
+        else:
+            res = {}
+        items = self.encoder.tokenize(self.eval_set.captions)
+        order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+        emb = torch.empty(len(items), self.encoder.dim)
+        for s in range(0, len(order), 64):
+            idx = order[s : s + 64]
+            emb[idx] = self.embed_items([items[i] for i in idx]).float().cpu()
+        cra = caption_retrieval_accuracy(emb, self.eval_set.groups)
+        res.update({f"cra_{k}": v for k, v in cra.items()})
+        return res
+
+    # ----------------------------------------------------------------------- checkpoints
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "lora": {n: p.detach().cpu() for n, p in self.peft.named_parameters() if p.requires_grad},
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+            "config": self.cfg.model_dump(),
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(self.state(), self.ckpt_dir / f"step-{self.step:07d}.pt")
+        for old in sorted(self.ckpt_dir.glob("step-*.pt"))[:-2]:
+            old.unlink()
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.ckpt_dir.glob("step-*.pt")) if self.ckpt_dir.is_dir() else []
+        return found[-1] if found else None
+
+    def load_checkpoint(self, path: Path) -> None:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+        named = dict(self.peft.named_parameters())
+        with torch.no_grad():
+            for n, t in st["lora"].items():
+                named[n].copy_(t)
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["rng"]["torch"])
+        random.setstate(st["rng"]["python"])
+        np.random.set_state(st["rng"]["numpy"])
+        self.step = st["step"]
+
+    # ------------------------------------------------------------------------------ run
+    def log(self, rec: dict) -> None:
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def run(self, resume: bool = True) -> dict:
+        c = self.cfg
+        done = self.out / "encoder" / ENCODER_MANIFEST
+        if done.is_file():
+            log.info("%s is finished already (%s exists); nothing to do", self.out, done)
+            return json.loads((self.out / "summary.json").read_text()) if (self.out / "summary.json").is_file() else {}
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            (self.out / "config.json").write_text(json.dumps(c.model_dump(), indent=2))
+        ck = self.latest_checkpoint() if resume else None
+        if ck:
+            self.load_checkpoint(ck)
+            log.info("resumed from %s (step %d)", ck.name, self.step)
+        elif self.rank == 0 and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()
+        t_start = time.perf_counter()
+        if self.trunk:
+            # every caption's frozen trunk once, up front, in length-sorted batches
+            caps = sorted({c for g in self.sampler.groups for c in g.captions})
+            items = self.encoder.tokenize(caps) + self.encoder.tokenize(self.eval_set.captions)
+            if self.cfg.contrastive.query_instruction:
+                items += self.query_encoder.tokenize(caps)
+            self.trunk.fill(items, progress=self.progress if self.rank == 0 else False)
+            self.log({"step": self.step, "trunk_captions": len(self.trunk.store),
+                      "trunk_s": round(time.perf_counter() - t_start, 1)})
+        bar = tqdm(total=c.optim.steps, initial=self.step, desc=f"stage 1 {c.objective}", unit="step",
+                   disable=(self.rank != 0) or ((not self.progress) if self.progress is not None else None))
+        while self.step < c.optim.steps:
+            t0 = time.perf_counter()
+            info = self.train_step()
+            info.update(step=self.step, step_s=round(time.perf_counter() - t0, 3))
+            if c.eval.every and self.step % c.eval.every == 0 and self.step < c.optim.steps:
+                info.update(self.evaluate())
+            if self.step % c.log_every == 0 or "cra_R@1" in info:
+                self.log(info)
+            if self.step % c.save_every == 0 and self.step < c.optim.steps:
+                self.save_checkpoint()
+            bar.set_postfix(loss=f"{info['loss']:.3f}")
+            bar.update(1)
+        bar.close()
+        train_s = time.perf_counter() - t_start
+        final = {"step": self.step, **self.evaluate()}
+        self.log({**final, "final": True})
+        self.save_checkpoint()
+        summary = {**final, "train_s": round(train_s, 1)}
+        if self.rank == 0:
+            self.export()
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def export(self) -> None:
+        """adapter/ (LoRA on the body) and encoder/ (merged weights + manifest)."""
+        self.peft.save_pretrained(self.out / "adapter")
+        merged = self.peft.merge_and_unload()
+        tmp = self.out / "encoder.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        enc = CaptionEncoder(merged, self.encoder.tokenizer,
+                             self.encoder.config.model_copy(update={"adapters": []}),
+                             {"base_model": self.base_identity["base_model"],
+                              "adapters": [*self.base_identity.get("adapters", []), f"{self.out.name}/adapter"]})
+        from ..text.loading import weight_hash
+
+        enc._identity["weight_hash"] = weight_hash(merged)
+        enc.save(tmp)
+        shutil.rmtree(self.out / "encoder", ignore_errors=True)
+        os.replace(tmp, self.out / "encoder")
