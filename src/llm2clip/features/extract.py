@@ -1,0 +1,398 @@
+"""The extraction job: every caption embedded once, offline, into a FeatureStore (METHOD.md 2).
+
+Captions come from JSONL/CSV manifests or the built-in CuPL sets. Equal caption texts share
+one row; rows are the unique texts in first-seen order, cut into fixed-size shards. A shard is
+a pure function of its texts, so a killed run resumes by skipping the shards on disk, and
+``torchrun --nproc_per_node=N`` gives shard k to rank k % N: both give the same bytes as one
+uninterrupted process.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Iterator, Literal, Union
+
+import numpy as np
+from pydantic import Discriminator, Field, Tag, field_validator
+from tqdm.auto import tqdm
+
+from ..config import StrictModel, load_config
+from ..errors import InputError
+from ..text.config import TextEncoderConfig
+from .store import (JOB_FILE, MANIFEST, FeatureStore, IdentityMismatchError, Layout, StoreError, _jsonable,
+                    finalize_store, remove_temp_files, shard_name, to_storage, write_bytes_atomic, write_shard)
+
+log = logging.getLogger(__name__)
+
+BUILTIN_SETS = ("cupl-train", "cupl-heldout")
+StoreDType = Literal["float16", "bfloat16", "float32"]
+
+
+# ------------------------------------------------------------------------------------- config
+class FileSource(StrictModel):
+    """A caption manifest: JSONL (one object per line) or CSV/TSV with a header row."""
+
+    path: str
+    format: Literal["auto", "jsonl", "csv", "tsv"] = Field("auto", description="auto: from the file suffix")
+    id_field: str = "id"
+    caption_field: str = "caption"
+
+
+class BuiltinSource(StrictModel):
+    """A built-in caption set; ids are '<class>/<n>'."""
+
+    builtin: Literal["cupl-train", "cupl-heldout"]
+    classes: int | None = Field(None, ge=1, description="first N classes of the split (default all)")
+    per_class: int | None = Field(None, ge=1, description="descriptions per class (default all)")
+    mask_class_names: bool = False
+
+
+def _source_tag(v) -> str | None:
+    if isinstance(v, dict):
+        return "builtin" if "builtin" in v else "file"
+    return "builtin" if isinstance(v, BuiltinSource) else "file" if isinstance(v, FileSource) else None
+
+
+CaptionSource = Annotated[Union[Annotated[FileSource, Tag("file")], Annotated[BuiltinSource, Tag("builtin")]],
+                          Discriminator(_source_tag)]
+
+
+class EmbedConfig(StrictModel):
+    """What `llm2clip embed CONFIG` runs. Relative paths resolve against the config file's folder."""
+
+    encoder: TextEncoderConfig
+    captions: list[CaptionSource] = Field(min_length=1, description="caption sources, read in order")
+    out: str = Field(description="the store directory")
+    shard_size: int = Field(8192, ge=1, description="rows per shard")
+    dtype: StoreDType = Field("float16", description="stored precision (the encoder's output is cast to it)")
+    batch_size: int | None = Field(None, ge=1, description="encoding batch size (default: the encoder's)")
+    progress: bool = True
+
+    @field_validator("captions", mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        # `- cupl-train` or `- data/caps.jsonl` as a shorthand for the mapping forms.
+        if isinstance(v, list):
+            return [({"builtin": s} if s in BUILTIN_SETS else {"path": s}) if isinstance(s, str) else s for s in v]
+        return v
+
+    def resolve_paths(self, base: Path) -> None:
+        hook = getattr(self.encoder, "resolve_paths", None)
+        if callable(hook):
+            hook(base)
+        for s in self.captions:
+            if isinstance(s, FileSource):
+                s.path = str(_under(base, s.path))
+        self.out = str(_under(base, self.out))
+
+
+def _under(base: Path, p: str) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else Path(base).absolute() / q  # absolute: a later chdir cannot move it
+
+
+def load_embed_config(path: str | Path) -> EmbedConfig:
+    return load_config(path, EmbedConfig)
+
+
+# ------------------------------------------------------------------------------------ reading
+def _check_id(value, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InputError(f"{where}: the id must be a string or an integer, got {type(value).__name__}")
+    s = str(value)
+    if not s.strip():
+        raise InputError(f"{where}: empty id")
+    if "\0" in s:
+        raise InputError(f"{where}: the id contains a NUL character")
+    return s
+
+
+def _check_caption(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{where}: the caption must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InputError(f"{where}: empty caption")
+    return value.strip()
+
+
+def _read_jsonl(src: FileSource, path: Path) -> Iterator[tuple[str, str, str]]:
+    with open(path, "rb") as f:
+        for ln, raw in enumerate(f, 1):
+            where = f"{path}:{ln}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(f"{where}: not UTF-8 text: {err.reason}") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{where}: not valid JSON: {err.msg} (column {err.colno})") from None
+            if not isinstance(rec, dict):
+                raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            for key in (src.id_field, src.caption_field):
+                if key not in rec:
+                    raise InputError(f"{where}: field '{key}' missing")
+            yield _check_id(rec[src.id_field], where), _check_caption(rec[src.caption_field], where), where
+
+
+def _read_csv(src: FileSource, path: Path, delimiter: str) -> Iterator[tuple[str, str, str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        try:
+            header = reader.fieldnames
+            if not header:
+                raise InputError(f"{path}: empty file (no header row)")
+            for key in (src.id_field, src.caption_field):
+                if key not in header:
+                    raise InputError(f"{path}:1: the header has no column '{key}' (columns: {', '.join(header)})")
+            for rec in reader:
+                where = f"{path}:{reader.line_num}"
+                if None in rec:
+                    raise InputError(f"{where}: more fields than header columns")
+                if rec.get(src.id_field) is None or rec.get(src.caption_field) is None:
+                    raise InputError(f"{where}: fewer fields than header columns")
+                yield _check_id(rec[src.id_field], where), _check_caption(rec[src.caption_field], where), where
+        except UnicodeDecodeError as err:
+            raise InputError(f"{path}:{reader.line_num + 1}: not UTF-8 text: {err.reason}") from None
+        except csv.Error as err:
+            raise InputError(f"{path}:{reader.line_num}: bad CSV: {err}") from None
+
+
+def iter_source(src) -> Iterator[tuple[str, str, str]]:
+    """(id, caption, 'file:line') records of one source, validated."""
+    if isinstance(src, BuiltinSource):
+        from ..data.captions import cupl_caption_set
+
+        cs = cupl_caption_set(src.builtin.split("-")[1], src.classes, src.per_class or 10**9, src.mask_class_names)
+        seen: dict[str, int] = {}
+        for cap, group in zip(cs.captions, cs.groups):
+            n = seen[group] = seen.get(group, -1) + 1
+            cid = f"{group}/{n}"
+            yield cid, _check_caption(cap, f"{src.builtin}:{cid}"), f"{src.builtin}:{cid}"
+        return
+    path = Path(src.path)
+    if not path.is_file():
+        raise InputError(f"{path}: caption file not found")
+    fmt = src.format
+    if fmt == "auto":
+        fmt = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}.get(path.suffix.lower())
+        if fmt is None:
+            raise InputError(f"{path}: cannot tell the format from the suffix; set format: jsonl, csv or tsv")
+    if fmt == "jsonl":
+        yield from _read_jsonl(src, path)
+    else:
+        yield from _read_csv(src, path, "," if fmt == "csv" else "\t")
+
+
+@dataclass
+class Captions:
+    """Unique caption texts (one per row, first-seen order) and every id's row."""
+
+    texts: list[str]
+    ids: list[str]
+    id_rows: np.ndarray
+    records: int
+    repeated_ids: int  # records whose id was seen before with the same caption
+    fingerprint: str = field(default="")
+
+    def __post_init__(self):
+        if not self.fingerprint:
+            h = hashlib.sha256()
+            for t in self.texts:
+                h.update(t.encode("utf-8") + b"\0")
+            h.update(b"\1")
+            for i, r in zip(self.ids, self.id_rows.tolist()):
+                h.update(f"{i}\0{r}\0".encode("utf-8"))
+            self.fingerprint = h.hexdigest()
+
+
+def read_captions(sources) -> Captions:
+    """All sources, validated: an id seen twice must carry the same caption."""
+    row_of_text: dict[str, int] = {}
+    id_seen: dict[str, tuple[int, str]] = {}
+    ids, rows = [], []
+    records = repeated = 0
+    for src in sources:
+        for cid, text, where in iter_source(src):
+            records += 1
+            prev = id_seen.get(cid)
+            if prev is not None:
+                if prev[0] != row_of_text.get(text):
+                    raise InputError(f"{where}: id {cid!r} was given at {prev[1]} with a different caption")
+                repeated += 1
+                continue
+            row = row_of_text.setdefault(text, len(row_of_text))
+            id_seen[cid] = (row, where)
+            ids.append(cid)
+            rows.append(row)
+    if not ids:
+        raise InputError("no captions in " + ", ".join(_describe(s) for s in sources))
+    return Captions(list(row_of_text), ids, np.asarray(rows, dtype=np.int64), records, repeated)
+
+
+def _describe(src) -> str:
+    return src.builtin if isinstance(src, BuiltinSource) else src.path
+
+
+# ----------------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+    def init(self, device: str) -> None:
+        import torch
+        import torch.distributed as dist
+
+        if self.world > 1 and not dist.is_initialized():
+            nccl = device.startswith("cuda") and torch.cuda.is_available()
+            # Like llm2clip.distributed.init_from_env, with a long timeout: other ranks wait at a
+            # barrier while rank 0 sorts and writes the id files of a large store.
+            dist.init_process_group("nccl" if nccl else "gloo", timeout=timedelta(hours=4))
+            if nccl:
+                torch.cuda.set_device(self.local_rank)
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+
+
+# ------------------------------------------------------------------------------------- the job
+def _encoder_for_rank(cfg, dist: Dist):
+    device = getattr(cfg, "device", None)
+    if dist.world > 1 and device == "cuda":
+        return cfg.model_copy(update={"device": f"cuda:{dist.local_rank}"})
+    return cfg
+
+
+def _encode_shard(encoder, texts: list[str], batch_size: int, bar) -> np.ndarray:
+    """float32 [n, D]; longest first in chunks so each encode call pads little and progress moves."""
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out = np.empty((len(texts), encoder.dim), dtype=np.float32)
+    chunk = batch_size * 8
+    for s in range(0, len(order), chunk):
+        idx = order[s : s + chunk]
+        vecs = encoder.encode([texts[i] for i in idx], batch_size=batch_size, progress=False)
+        vecs = vecs.float().cpu().numpy() if hasattr(vecs, "cpu") else np.asarray(vecs, np.float32)
+        if vecs.shape != (len(idx), encoder.dim):
+            raise StoreError(f"the encoder returned shape {vecs.shape}, expected {(len(idx), encoder.dim)}")
+        out[idx] = vecs
+        bar.update(len(idx))
+    return out
+
+
+def _job_record(config: EmbedConfig, caps: Captions, identity: dict, dim: int) -> dict:
+    return {"format": "llm2clip-embed-job", "identity": identity, "dim": dim, "dtype": config.dtype,
+            "shard_size": config.shard_size, "rows": len(caps.texts), "ids": len(caps.ids),
+            "captions_sha256": caps.fingerprint}
+
+
+def _prepare_out(out: Path, job: dict) -> bool:
+    """Rank 0: start, resume or recognise a finished store. True when there is nothing left to do."""
+    if (out / MANIFEST).is_file():
+        store = FeatureStore.open(out)
+        m = store.manifest
+        have = {"identity": m["identity"], "dim": m["dim"], "dtype": m["dtype"], "shard_size": m["shard_size"],
+                "rows": m["rows"], "ids": m["ids"], "captions_sha256": m.get("captions", {}).get("sha256")}
+        _same_job(out / MANIFEST, have, job)
+        return True
+    jf = out / JOB_FILE
+    if jf.is_file():
+        try:
+            have = json.loads(jf.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise StoreError(f"{jf}: unreadable job record ({err}); delete {out} to start over") from None
+        _same_job(jf, have, job)
+        n = remove_temp_files(out)
+        log.info("resuming %s%s", out, f" ({n} partial file(s) of the killed run removed)" if n else "")
+        return False
+    if out.exists() and any(out.iterdir()):
+        raise StoreError(f"{out}: not empty and not a store of this job; choose an empty or new 'out'")
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(jf, (json.dumps(job, indent=1) + "\n").encode())
+    return False
+
+
+def _same_job(where: Path, have: dict, want: dict) -> None:
+    if have.get("identity") != want["identity"]:
+        diff = sorted(k for k in set(have.get("identity") or {}) | set(want["identity"])
+                      if (have.get("identity") or {}).get(k) != want["identity"].get(k))
+        raise IdentityMismatchError(
+            f"{where}: this store was started with another encoder (differing fields: {', '.join(diff)}); "
+            "use a new 'out' directory")
+    diff = [k for k in want if k != "identity" and k != "format" and have.get(k) != want[k]]
+    if diff:
+        what = ", ".join(f"{k} {have.get(k)!r} -> {want[k]!r}" for k in diff)
+        raise StoreError(f"{where}: this store was started with other settings or captions ({what}); "
+                         "use a new 'out' directory")
+
+
+def run_embedding(config: EmbedConfig, *, encoder=None, progress: bool | None = None) -> Path:
+    """Fill (or finish) the store at ``config.out``; returns its path. Runs under torchrun too."""
+    from ..text import build_text_encoder
+
+    dist = Dist.from_env()
+    caps = read_captions(config.captions)  # every input error before any model loads
+    enc_cfg = _encoder_for_rank(config.encoder, dist)
+    dist.init(getattr(enc_cfg, "device", "cpu") or "cpu")
+    encoder = encoder or build_text_encoder(enc_cfg)
+    identity, dim = _jsonable(encoder.identity()), int(encoder.dim)
+    out = Path(config.out)
+    layout = Layout(len(caps.texts), config.shard_size)
+    job = _job_record(config, caps, identity, dim)
+    done = _prepare_out(out, job) if dist.rank == 0 else False
+    dist.barrier()
+    if done or (out / MANIFEST).is_file():
+        log.info("%s: already complete", out)
+        return out
+    if dist.rank != 0 and not (out / JOB_FILE).is_file():
+        raise StoreError(f"{out}: not visible from rank {dist.rank}; 'out' must be on a shared filesystem")
+
+    mine = range(dist.rank, layout.n_shards, dist.world)
+    todo = [k for k in mine if not (out / shard_name(k)).is_file()]
+    total = sum(layout.shard_rows(k) for k in mine)
+    left = sum(layout.shard_rows(k) for k in todo)
+    bs = config.batch_size or getattr(getattr(encoder, "config", None), "batch_size", None) or 32
+    show = (config.progress if progress is None else progress) and dist.rank == 0
+    desc = "embed" if dist.world == 1 else f"embed (rank 0 of {dist.world})"
+    bar = tqdm(total=total, initial=total - left, unit="caption", desc=desc, smoothing=0.1,
+               disable=not show or None)
+    for k in todo:
+        lo, hi = layout.shard_range(k)
+        vecs = _encode_shard(encoder, caps.texts[lo:hi], bs, bar)
+        write_shard(out, k, to_storage(vecs, config.dtype, where=f"shard {k} (rows {lo}-{hi - 1})"))
+    bar.close()
+    dist.barrier()
+    if dist.rank == 0:
+        finalize_store(out, layout, identity=identity, dim=dim, dtype=config.dtype, ids=caps.ids,
+                       id_rows=caps.id_rows, extra={
+                           "encoder": config.encoder.model_dump(mode="json"),
+                           "captions": {"sources": [s.model_dump(mode="json") for s in config.captions],
+                                        "records": caps.records, "repeated_ids": caps.repeated_ids,
+                                        "ids_sharing_a_row": len(caps.ids) - len(caps.texts),
+                                        "sha256": caps.fingerprint},
+                       })
+        log.info("wrote %s: %d captions, %d unique, %d shards", out, len(caps.ids), len(caps.texts), layout.n_shards)
+    dist.barrier()
+    return out
+
+
+__all__ = ["EmbedConfig", "FileSource", "BuiltinSource", "Captions", "read_captions", "iter_source",
+           "run_embedding", "load_embed_config"]
