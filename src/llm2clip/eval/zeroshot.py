@@ -1,0 +1,143 @@
+"""Zero-shot classification through a model's own text path.
+
+Each class gets one weight vector: its prompts (class name through templates, or several
+descriptions per class as CuPL does) are encoded by the model's ``encode_text``, L2-normalised,
+averaged and renormalised, as CLIP_benchmark's ``zero_shot_classifier`` does. Class weights are
+always computed here from text, never read from a precomputed file of unknown origin (the
+official code's ``--imagenet-classname-feautres``, METHOD.md 7.6).
+
+Top-K accuracy uses the same exact-rank rule as retrieval: a class scoring at least as high as
+the true class is ranked before it, so ties count against the image.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..assets import clip_benchmark_file
+from ..errors import InputError
+
+DEFAULT_KS = (1, 5)
+
+
+def load_templates(dataset: str = "imagenet1k") -> list[str]:
+    """CLIP's prompt templates for ``dataset`` from clip-benchmark ({c} stands for the class name)."""
+    data = json.loads(clip_benchmark_file("en_zeroshot_classification_templates.json").read_text(encoding="utf-8"))
+    if dataset not in data:
+        raise InputError(f"no templates for {dataset!r}; known: {', '.join(sorted(data))}")
+    return list(data[dataset])
+
+
+def load_classnames(dataset: str = "imagenet1k") -> list[str]:
+    data = json.loads(clip_benchmark_file("en_classnames.json").read_text(encoding="utf-8"))
+    if dataset not in data:
+        raise InputError(f"no class names for {dataset!r}; known: {', '.join(sorted(data))}")
+    return list(data[dataset])
+
+
+def load_cupl(dataset: str = "imagenet1k") -> dict[str, list[str]]:
+    """CuPL descriptions: class name -> sentences."""
+    data = json.loads(clip_benchmark_file("cupl_prompts.json").read_text(encoding="utf-8"))
+    if dataset not in data:
+        raise InputError(f"no CuPL prompts for {dataset!r}; known: {', '.join(sorted(data))}")
+    return data[dataset]
+
+
+def class_prompts(classnames: Sequence[str], prompts) -> list[list[str]]:
+    """Per class, its texts. ``prompts``: a list of templates with ``{c}``, or a dict class -> texts."""
+    if isinstance(prompts, dict):
+        missing = [c for c in classnames if not prompts.get(c)]
+        if missing:
+            raise InputError(f"no prompts for {len(missing)} class(es): {', '.join(missing[:10])}")
+        return [list(prompts[c]) for c in classnames]
+    if isinstance(prompts, str) or not prompts:
+        raise InputError("prompts must be a non-empty list of templates or a dict class -> texts")
+    bad = [t for t in prompts if "{c}" not in t]
+    if bad:
+        raise InputError(f"template without '{{c}}': {bad[0]!r}")
+    return [[t.replace("{c}", c) for t in prompts] for c in classnames]
+
+
+@torch.no_grad()
+def build_classifier(encode_text: Callable, classnames: Sequence[str], prompts, batch_size: int = 256,
+                     progress: bool | None = None) -> torch.Tensor:
+    """Class weights [C, D]: per class, the renormalised mean of its normalised prompt embeddings."""
+    from .benchmarks import encode_texts
+
+    if not classnames:
+        raise InputError("no class names")
+    per_class = class_prompts(classnames, prompts)
+    texts = [t for ts in per_class for t in ts]
+    owner = torch.repeat_interleave(torch.arange(len(per_class)), torch.tensor([len(ts) for ts in per_class]))
+    emb = F.normalize(encode_texts(encode_text, texts, batch_size, progress), dim=-1)
+    weights = torch.zeros(len(per_class), emb.shape[1]).index_add_(0, owner, emb)
+    weights /= torch.bincount(owner, minlength=len(per_class))[:, None]
+    return F.normalize(weights, dim=-1)
+
+
+@torch.no_grad()
+def class_ranks(image_features, classifier, labels, chunk_size: int = 4096) -> torch.Tensor:
+    """0-based rank of each image's true class among all classes (ties count against it)."""
+    img = torch.as_tensor(image_features).float()
+    w = F.normalize(torch.as_tensor(classifier).float(), dim=-1)
+    y = torch.as_tensor(labels).long()
+    if img.ndim != 2 or w.ndim != 2 or img.shape[1] != w.shape[1]:
+        raise InputError(f"image features {tuple(img.shape)} and classifier {tuple(w.shape)} do not match")
+    if len(y) != len(img):
+        raise InputError(f"{len(y)} labels for {len(img)} images")
+    if len(y) and (y.min() < 0 or y.max() >= len(w)):
+        raise InputError(f"labels must lie in 0..{len(w) - 1}")
+    if not torch.isfinite(img.sum(1)).all():  # NaN/inf propagate into the row sums
+        raise InputError("image features have NaN/inf values")
+    img = F.normalize(img, dim=-1)
+    ranks = torch.empty(len(y), dtype=torch.long)
+    for s in range(0, len(y), chunk_size):
+        logits = img[s: s + chunk_size] @ w.T
+        true = logits.gather(1, y[s: s + chunk_size, None])
+        ranks[s: s + chunk_size] = (logits >= true).sum(1) - 1
+    return ranks
+
+
+def zeroshot_accuracy(image_features, classifier, labels, ks: Sequence[int] = DEFAULT_KS) -> dict:
+    """``top1``, ``top5`` ... (fractions) and the counts."""
+    ranks = class_ranks(image_features, classifier, labels)
+    out = {f"top{k}": (ranks < k).double().mean().item() if len(ranks) else float("nan") for k in ks}
+    out.update(images=int(len(ranks)), classes=int(torch.as_tensor(classifier).shape[0]))
+    return out
+
+
+def resolve_prompts(prompts, dataset: str = "imagenet1k"):
+    """'templates' (CLIP's), 'cupl' (CuPL descriptions), or an explicit list / dict; plus a label."""
+    if isinstance(prompts, str):
+        if prompts == "templates":
+            return load_templates(dataset), f"clip_benchmark templates ({dataset})"
+        if prompts == "cupl":
+            return load_cupl(dataset), f"CuPL prompts ({dataset})"
+        raise InputError(f"prompts must be 'templates', 'cupl', a list of templates or a dict; got {prompts!r}")
+    return prompts, "given"
+
+
+def evaluate_zeroshot(model, benchmark, *, prompts="templates", dataset: str = "imagenet1k", preprocess=None,
+                      ks: Sequence[int] = DEFAULT_KS, batch_size: int = 64, on_bad_image: str = "error",
+                      num_workers: int = 0, progress: bool | None = None) -> dict:
+    """Zero-shot top-K of ``model`` on a classification benchmark; the dict the reports consume."""
+    from .benchmarks import encode_benchmark_images
+
+    if benchmark.task != "classification":
+        raise InputError(f"benchmark {benchmark.name!r} is a {benchmark.task} benchmark, not classification")
+    prompts, prompt_src = resolve_prompts(prompts, dataset)
+    t0 = time.perf_counter()
+    classifier = build_classifier(model.encode_text, benchmark.classnames, prompts, progress=progress)
+    feats, benchmark = encode_benchmark_images(model, benchmark, preprocess=preprocess, batch_size=batch_size,
+                                               on_bad=on_bad_image, num_workers=num_workers, progress=progress)
+    t1 = time.perf_counter()
+    metrics = zeroshot_accuracy(feats, classifier, benchmark.labels, ks)
+    data = benchmark.identity()
+    data["prompts"] = prompt_src
+    return {"benchmark": benchmark.name, "task": "classification", "metrics": metrics, "data": data,
+            "encode_s": round(t1 - t0, 3), "score_s": round(time.perf_counter() - t1, 3)}
