@@ -1,0 +1,247 @@
+"""LLM2CLIP: a vision tower with a new head, a text side, and a logit scale (METHOD.md 3.1).
+
+The text side is either the TextAdapter over stored LLM caption embeddings (the method; the LLM
+never runs in training) or a plain CLIP text transformer trained jointly (the vanilla-CLIP
+baseline on the same data and code). A saved model is ``model.safetensors`` plus
+``llm2clip_model.json``, which holds the config and pins the caption encoder's identity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from .config import StrictModel
+from .errors import ConfigError, InputError
+from .vision import VisionConfig, build_vision_tower
+
+MODEL_MANIFEST = "llm2clip_model.json"
+MODEL_WEIGHTS = "model.safetensors"
+MANIFEST_FORMAT = "llm2clip-model/1"
+
+
+# ---------------------------------------------------------------------------------- configs
+class AdapterConfig(StrictModel):
+    """The official TextProj: L2-normalise, `depth` pre-LN residual MLP blocks, LayerNorm, Linear."""
+
+    kind: Literal["adapter"] = "adapter"
+    in_dim: int | None = Field(None, ge=1, description="LLM embedding size; null: taken from the feature store")
+    depth: int = Field(4, ge=0)
+    expansion: int = Field(2, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    l2_norm: bool = True
+
+
+class ClipTextConfig(StrictModel):
+    """open_clip's text transformer (causal, 77 tokens, its BPE tokenizer), trained from scratch."""
+
+    kind: Literal["clip"] = "clip"
+    context_length: int = Field(77, ge=4)
+    vocab_size: int = 49408
+    width: int = Field(512, ge=8)
+    heads: int = Field(8, ge=1)
+    layers: int = Field(12, ge=1)
+    mlp_ratio: float = 4.0
+
+
+TextSideConfig = Annotated[Union[AdapterConfig, ClipTextConfig], Field(discriminator="kind")]
+
+
+class ModelConfig(StrictModel):
+    vision: VisionConfig
+    text: TextSideConfig = Field(default_factory=AdapterConfig)
+    embed_dim: int = Field(1280, ge=1, description="shared embedding size (1280 in every LLM2CLIP release)")
+    head_init_std: float = Field(2e-5, gt=0, description="std of the new vision head (official: 0.02 x 0.001)")
+    loss: Literal["clip", "siglip"] = "clip"
+    logit_scale_init: float | None = Field(None, description="null: ln(1/0.07) for clip, ln(10) for siglip")
+    logit_scale_max: float = math.log(100)
+    logit_bias_init: float = Field(-10.0, description="siglip only")
+
+    def resolve_paths(self, base: Path) -> None:
+        self.vision.resolve_paths(base)
+
+
+# ----------------------------------------------------------------------------------- text side
+class _AdapterBlock(nn.Module):
+    def __init__(self, dim: int, expansion: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, expansion * dim)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(expansion * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.drop(F.gelu(self.fc1(self.norm(x)))))
+
+
+class TextAdapter(nn.Module):
+    """Maps a stored LLM caption embedding [B, in_dim] to the shared space [B, out_dim]."""
+
+    def __init__(self, in_dim: int, out_dim: int, depth: int = 4, expansion: int = 2, dropout: float = 0.0,
+                 l2_norm: bool = True):
+        super().__init__()
+        self.in_dim, self.out_dim, self.l2_norm = in_dim, out_dim, l2_norm
+        self.blocks = nn.ModuleList(_AdapterBlock(in_dim, expansion, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(in_dim)
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_dim:
+            raise InputError(f"caption embeddings have dim {x.shape[-1]}, the adapter expects {self.in_dim}")
+        x = x.to(self.proj.weight.dtype)
+        if self.l2_norm:  # stored embeddings are raw pooled vectors (METHOD.md 2)
+            x = F.normalize(x, dim=-1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.proj(self.norm(x))
+
+
+@lru_cache(maxsize=4)
+def _clip_tokenizer(context_length: int):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)  # slow to build (BPE merges): share one
+
+
+class ClipTextTower(nn.Module):
+    """open_clip TextTransformer with its own tokenizer; output already projected to out_dim."""
+
+    def __init__(self, cfg: ClipTextConfig, out_dim: int):
+        super().__init__()
+        from open_clip.transformer import TextTransformer
+
+        self.transformer = TextTransformer(context_length=cfg.context_length, vocab_size=cfg.vocab_size,
+                                           width=cfg.width, heads=cfg.heads, layers=cfg.layers,
+                                           mlp_ratio=cfg.mlp_ratio, output_dim=out_dim)
+        self.tokenizer = _clip_tokenizer(cfg.context_length)
+
+    def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(captions))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.transformer(tokens)
+
+
+# ----------------------------------------------------------------------------------- identity
+def check_identity(expected: dict | None, actual: dict | None, what: str = "caption encoder") -> None:
+    """Raise unless the two identities agree on every key they share (and share one)."""
+    if not expected or not actual:
+        return
+    common = set(expected) & set(actual)
+    if not common:
+        raise ConfigError(f"{what} identity shares no field with the model's: {sorted(actual)} vs {sorted(expected)}")
+    diff = sorted(k for k in common if expected[k] != actual[k])
+    if diff:
+        lines = "; ".join(f"{k}: model has {expected[k]!r}, got {actual[k]!r}" for k in diff)
+        raise ConfigError(f"{what} does not match the one this model was trained with ({lines})")
+
+
+# -------------------------------------------------------------------------------------- model
+class LLM2CLIP(nn.Module):
+    def __init__(self, cfg: ModelConfig, text_dim: int | None = None, text_identity: dict | None = None,
+                 load_pretrained: bool = True):
+        super().__init__()
+        self.config = cfg
+        self.visual = build_vision_tower(cfg.vision, load_weights=load_pretrained)
+        self.head = nn.Linear(self.visual.width, cfg.embed_dim)
+        nn.init.trunc_normal_(self.head.weight, std=cfg.head_init_std)
+        nn.init.zeros_(self.head.bias)
+        t = cfg.text
+        if isinstance(t, AdapterConfig):
+            dim = t.in_dim or text_dim
+            if dim is None:
+                raise ConfigError("model.text.in_dim: unknown; set it or give a feature store")
+            if t.in_dim and text_dim and t.in_dim != text_dim:
+                raise ConfigError(f"model.text.in_dim is {t.in_dim} but the caption embeddings have dim {text_dim}")
+            self.text = TextAdapter(dim, cfg.embed_dim, t.depth, t.expansion, t.dropout, t.l2_norm)
+        else:
+            self.text = ClipTextTower(t, cfg.embed_dim)
+        init = cfg.logit_scale_init
+        if init is None:
+            init = math.log(10.0) if cfg.loss == "siglip" else math.log(1 / 0.07)
+        self.logit_scale = nn.Parameter(torch.tensor(float(init)))
+        self.logit_bias = nn.Parameter(torch.tensor(cfg.logit_bias_init)) if cfg.loss == "siglip" else None
+        self.text_identity = dict(text_identity) if text_identity else None
+        self.caption_encoder = None  # optional, for encode_text(list of str); not saved
+
+    # ------------------------------------------------------------------------------ encoders
+    @property
+    def uses_adapter(self) -> bool:
+        return isinstance(self.text, TextAdapter)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        if isinstance(self.text, ClipTextTower):
+            self.text.transformer.set_grad_checkpointing(enable)
+
+    def attach_caption_encoder(self, encoder) -> None:
+        """Use ``encoder`` (llm2clip.text.build_text_encoder(...)) for raw captions; its identity must
+        match the one the model was trained with."""
+        check_identity(self.text_identity, encoder.identity())
+        self.caption_encoder = encoder
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.head(self.visual(images))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, text, normalize: bool = True) -> torch.Tensor:
+        """From stored embeddings [B, D] (adapter), token ids [B, 77] (CLIP text tower), or raw captions."""
+        if isinstance(text, (list, tuple)):
+            if self.uses_adapter:
+                if self.caption_encoder is None:
+                    raise ConfigError("encode_text got captions but no caption encoder is attached "
+                                      "(model.attach_caption_encoder(build_text_encoder(cfg)))")
+                text = self.caption_encoder.encode(list(text))
+            else:
+                text = self.text.tokenize(text)
+            text = text.to(self.logit_scale.device)
+        x = self.text(text)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, images: torch.Tensor, text) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(images), self.encode_text(text)
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        self.logit_scale.clamp_(0, self.config.logit_scale_max)
+
+    # ---------------------------------------------------------------------------- save / load
+    def manifest(self) -> dict:
+        return {"format": MANIFEST_FORMAT, "config": self.config.model_dump(mode="json"),
+                "text_dim": self.text.in_dim if self.uses_adapter else None, "text_identity": self.text_identity}
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(path / MODEL_WEIGHTS))
+        (path / MODEL_MANIFEST).write_text(json.dumps(self.manifest(), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, text_identity: dict | None = None, map_location: str = "cpu") -> "LLM2CLIP":
+        """A saved model, in eval mode; ``text_identity`` (of the store or encoder to be used) is checked
+        against the manifest."""
+        from safetensors.torch import load_model
+
+        path = Path(path)
+        mf = path / MODEL_MANIFEST
+        if not mf.is_file():
+            raise ConfigError(f"{path}: no {MODEL_MANIFEST}; not a saved LLM2CLIP model")
+        manifest = json.loads(mf.read_text())
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ConfigError(f"{mf}: unknown format {manifest.get('format')!r}")
+        check_identity(manifest.get("text_identity"), text_identity)
+        cfg = ModelConfig.model_validate(manifest["config"])
+        model = cls(cfg, manifest.get("text_dim"), manifest.get("text_identity"), load_pretrained=False)
+        load_model(model, str(path / MODEL_WEIGHTS), device=map_location)
+        return model.eval()

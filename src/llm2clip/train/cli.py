@@ -1,0 +1,72 @@
+"""`llm2clip train CONFIG`: the stage-2 subcommand, registered by llm2clip.cli."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  llm2clip train configs/stage2-scenes.yaml
+  llm2clip train run.yaml --resume              # continue from the newest checkpoint of run_dir
+  llm2clip train run.yaml --resume runs/x/checkpoints/step_00000400
+  torchrun --nproc_per_node=2 -m llm2clip train run.yaml     # DDP (gloo on CPU, nccl on GPU)
+
+The config is YAML with sections run_dir, seed, model (vision, text, embed_dim, loss), data (train,
+val, features, caption_kinds), optim (lr, weight_decay, layer_decay, warmup_steps, grad_clip) and
+train (batch_size, steps, accum_steps, precision, grad_checkpointing, checkpoint_every, eval_every).
+The run folder gets config.json, metrics.jsonl, checkpoints/ and the final model/ (safetensors +
+llm2clip_model.json, which pins the caption encoder's identity).
+"""
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="stage 2: train a vision tower against stored caption embeddings",
+        description=textwrap.fill(
+            "Stage 2 of LLM2CLIP: the vision tower (small ViT, any open_clip model, or a transformers "
+            "CLIP/SigLIP vision model) and a new head learn against the frozen LLM's stored caption "
+            "embeddings through the MLP text adapter; the LLM never runs. With model.text.kind: clip the "
+            "same data trains a plain CLIP text transformer instead (the vanilla-CLIP baseline).", 100),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", type=Path, metavar="CONFIG", help="YAML run config")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="resume from the newest checkpoint of run_dir (no value) or from the given folder")
+    p.add_argument("--run-dir", type=Path, help="override run_dir")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--device", help="override train.device (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    import json
+
+    from ..config import load_config
+    from .config import RunConfig
+    from .distributed import finish_and_exit, init_distributed
+    from .loop import fit
+
+    cfg = load_config(args.config, RunConfig)
+    if args.run_dir:
+        cfg.run_dir = str(args.run_dir)
+    if args.steps:
+        cfg.train.steps = args.steps
+    if args.device:
+        cfg.train.device = args.device
+    di = init_distributed(cfg.train.device)
+    code = 1
+    try:
+        last = fit(cfg, resume=args.resume, progress=False if args.no_progress else None, dist_info=di)
+        if di.main:
+            print(json.dumps(last, indent=2))
+            print(f"model: {Path(cfg.run_dir) / 'model'}")
+        code = 0
+    finally:
+        if di.world > 1:  # ASSETS.md: barrier + destroy + os._exit, or gloo may abort at exit
+            finish_and_exit(code)
+    return code
