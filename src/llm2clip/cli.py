@@ -108,8 +108,26 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _add_finetune(sub) -> None:
+    from .finetune.cli import add_commands
+
+    add_commands(sub)
+
+
+def _add_features(sub) -> None:
+    from .features.cli import add_commands
+
+    add_commands(sub)
+
+
+def _add_train(sub) -> None:
+    from .train.cli import add_commands
+
+    add_commands(sub)
+
+
 # Each entry adds one subcommand; later stages register theirs here.
-COMMANDS = [_add_quickstart, _add_eval_text]
+COMMANDS = [_add_quickstart, _add_eval_text, _add_finetune, _add_features, _add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:
