@@ -88,7 +88,7 @@ def test_caption_jsonl_errors_name_file_and_line(tmp_path):
     cs = load_caption_jsonl(f)
     assert cs.captions == ["a dog", "a cat"] and cs.groups == ["1", "1"]
     for body, msg in [('{"group": 1}\n', ":1: missing field 'caption'"), ('{"group": 1, "caption": ""}\n', ":1: field 'caption'"),
-                      ('{"group": 1, "caption": "x"}\n{oops\n', ":2: not valid JSON"), ("[1]\n", ":1: expected an object"),
+                      ('{"group": 1, "caption": "x"}\n{oops\n', ":2: not valid JSON"), ("[1]\n", ":1: expected a JSON object"),
                       ("", "no captions")]:
         f.write_text(body)
         with pytest.raises(InputError, match=msg):

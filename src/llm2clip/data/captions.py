@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..assets import clip_benchmark_file
 from ..errors import InputError
+from .jsonl import read_jsonl
 
 CUPL_SPLIT_SEED = 0
 CUPL_HELDOUT_CLASSES = 200  # the held-out classes are fixed; train uses the other 798
@@ -84,26 +85,17 @@ def load_caption_jsonl(path: str | Path) -> CaptionSet:
     if not path.is_file():
         raise InputError(f"{path}: caption file not found")
     captions, groups = [], []
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{ln}: not valid JSON: {err.msg}") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{path}:{ln}: expected an object with 'group' and 'caption'")
-            for key in ("group", "caption"):
-                if key not in rec:
-                    raise InputError(f"{path}:{ln}: missing field '{key}'")
-            cap = rec["caption"]
-            if not isinstance(cap, str) or not cap.strip():
-                raise InputError(f"{path}:{ln}: field 'caption' must be a non-empty string")
-            if not isinstance(rec["group"], (str, int)):
-                raise InputError(f"{path}:{ln}: field 'group' must be a string or an integer")
-            captions.append(cap.strip())
-            groups.append(str(rec["group"]))
+    for ln, rec in read_jsonl(path):
+        for key in ("group", "caption"):
+            if key not in rec:
+                raise InputError(f"{path}:{ln}: missing field '{key}'")
+        cap = rec["caption"]
+        if not isinstance(cap, str) or not cap.strip():
+            raise InputError(f"{path}:{ln}: field 'caption' must be a non-empty string")
+        if not isinstance(rec["group"], (str, int)):
+            raise InputError(f"{path}:{ln}: field 'group' must be a string or an integer")
+        captions.append(cap.strip())
+        groups.append(str(rec["group"]))
     if not captions:
         raise InputError(f"{path}: no captions")
     return CaptionSet(path.stem, captions, groups, {"file": str(path)})

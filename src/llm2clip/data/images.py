@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Protocol, Sequence
@@ -26,6 +25,7 @@ from PIL import Image
 
 from ..config import StrictModel
 from ..errors import InputError
+from .jsonl import read_jsonl
 
 
 class CaptionFeatures(Protocol):
@@ -158,24 +158,17 @@ def load_manifest(path: str | Path, image_root: str | Path | None = None) -> lis
                 rec = records.setdefault(row["image"], Record(fix(row["image"])))
                 _add(rec, row["kind"], row["caption_id"], row.get("text") or None)
     else:
-        with open(path, encoding="utf-8") as f:
-            for ln, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise InputError(f"{path}:{ln}: not valid JSON: {err.msg}") from None
-                if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-                    raise InputError(f"{path}:{ln}: expected an object with a string field 'image'")
-                caps = row.get("captions")
-                if not isinstance(caps, list) or not caps:
-                    raise InputError(f"{path}:{ln}: field 'captions' must be a non-empty list")
-                rec = records.setdefault(row["image"], Record(fix(row["image"])))
-                for c in caps:
-                    if not isinstance(c, dict) or not isinstance(c.get("id"), str) or not isinstance(c.get("kind"), str):
-                        raise InputError(f"{path}:{ln}: each caption needs string fields 'id' and 'kind'")
-                    _add(rec, c["kind"], c["id"], c.get("text"))
+        for ln, row in read_jsonl(path):
+            if not isinstance(row.get("image"), str):
+                raise InputError(f"{path}:{ln}: expected an object with a string field 'image'")
+            caps = row.get("captions")
+            if not isinstance(caps, list) or not caps:
+                raise InputError(f"{path}:{ln}: field 'captions' must be a non-empty list")
+            rec = records.setdefault(row["image"], Record(fix(row["image"])))
+            for c in caps:
+                if not isinstance(c, dict) or not isinstance(c.get("id"), str) or not isinstance(c.get("kind"), str):
+                    raise InputError(f"{path}:{ln}: each caption needs string fields 'id' and 'kind'")
+                _add(rec, c["kind"], c["id"], c.get("text"))
     if not records:
         raise InputError(f"{path}: no records")
     return list(records.values())

@@ -47,6 +47,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..data.jsonl import read_jsonl
 from ..errors import InputError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -471,22 +472,15 @@ def load_docci(root, ann_file="docci_descriptions.jsonlines", image_dir="images"
     ann = _find_file(root, ann_file)
     image_dir = root / image_dir
     entries = []
-    with open(ann, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{ann}:{ln}: not valid JSON: {err.msg}") from None
-            for key in ("split", "image_file", "description"):
-                if not isinstance(rec, dict) or key not in rec:
-                    raise InputError(f"{ann}:{ln}: missing field '{key}'")
-            if rec["split"] != split:
-                continue
-            entries.append((str(image_dir / rec["image_file"]),
-                            [_caption_text(rec["description"], f"{ann}:{ln} ({rec.get('example_id')})")],
-                            f"{ann.name}:{ln}"))
+    for ln, rec in read_jsonl(ann):
+        for key in ("split", "image_file", "description"):
+            if key not in rec:
+                raise InputError(f"{ann}:{ln}: missing field '{key}'")
+        if rec["split"] != split:
+            continue
+        entries.append((str(image_dir / rec["image_file"]),
+                        [_caption_text(rec["description"], f"{ann}:{ln} ({rec.get('example_id')})")],
+                        f"{ann.name}:{ln}"))
     if not entries:
         raise InputError(f"{ann}: no records with split == {split!r}")
     return _build_retrieval("docci", entries, str(ann), on_missing, root, {ann.name: sha256_file(ann)},
@@ -526,24 +520,17 @@ def load_chinese_clip(root, name: str, split: str = "test", on_missing="error") 
         raise InputError(f"{name}: neither {tsv} nor {folder}/ exists")
     order = {k: i for i, k in enumerate(refs)}
     captions, index, missing, skipped = [], [], [], []
-    with open(ann, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{ann}:{ln}: not valid JSON: {err.msg}") from None
-            if not isinstance(rec, dict) or "text" not in rec or not isinstance(rec.get("image_ids"), list):
-                raise InputError(f"{ann}:{ln}: expected an object with 'text' and 'image_ids'")
-            ids = [str(i) for i in rec["image_ids"]]
-            if len(ids) != 1:  # one caption, one image: a text of several images has no single T2I target
-                raise InputError(f"{ann}:{ln} (text_id {rec.get('text_id')}): {len(ids)} image_ids, expected 1")
-            if ids[0] not in order:
-                missing.append((ln, ids[0]))
-                continue
-            captions.append(_caption_text(rec["text"], f"{ann}:{ln}"))
-            index.append(order[ids[0]])
+    for ln, rec in read_jsonl(ann):
+        if "text" not in rec or not isinstance(rec.get("image_ids"), list):
+            raise InputError(f"{ann}:{ln}: expected an object with 'text' and 'image_ids'")
+        ids = [str(i) for i in rec["image_ids"]]
+        if len(ids) != 1:  # one caption, one image: a text of several images has no single T2I target
+            raise InputError(f"{ann}:{ln} (text_id {rec.get('text_id')}): {len(ids)} image_ids, expected 1")
+        if ids[0] not in order:
+            missing.append((ln, ids[0]))
+            continue
+        captions.append(_caption_text(rec["text"], f"{ann}:{ln}"))
+        index.append(order[ids[0]])
     if missing:
         msg = ", ".join(f"line {ln}: image {i}" for ln, i in missing[:_MAX_LISTED])
         if on_missing == "error":

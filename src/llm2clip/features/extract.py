@@ -24,6 +24,7 @@ from pydantic import Discriminator, Field, Tag, field_validator
 from tqdm.auto import tqdm
 
 from ..config import StrictModel, load_config
+from ..data.jsonl import read_jsonl
 from ..errors import InputError
 from ..text.config import TextEncoderConfig
 from .store import (JOB_FILE, MANIFEST, FeatureStore, IdentityMismatchError, Layout, StoreError, _jsonable,
@@ -123,25 +124,12 @@ def _check_caption(value, where: str) -> str:
 
 
 def _read_jsonl(src: FileSource, path: Path) -> Iterator[tuple[str, str, str]]:
-    with open(path, "rb") as f:
-        for ln, raw in enumerate(f, 1):
-            where = f"{path}:{ln}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise InputError(f"{where}: not UTF-8 text: {err.reason}") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{where}: not valid JSON: {err.msg} (column {err.colno})") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            for key in (src.id_field, src.caption_field):
-                if key not in rec:
-                    raise InputError(f"{where}: field '{key}' missing")
-            yield _check_id(rec[src.id_field], where), _check_caption(rec[src.caption_field], where), where
+    for ln, rec in read_jsonl(path):
+        where = f"{path}:{ln}"
+        for key in (src.id_field, src.caption_field):
+            if key not in rec:
+                raise InputError(f"{where}: field '{key}' missing")
+        yield _check_id(rec[src.id_field], where), _check_caption(rec[src.caption_field], where), where
 
 
 def _read_csv(src: FileSource, path: Path, delimiter: str) -> Iterator[tuple[str, str, str]]:

@@ -9,13 +9,13 @@ Sampling is a pure function of (seed, step), so a resumed run draws the same bat
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from ..data.captions import cupl_caption_set
+from ..data.jsonl import read_jsonl
 from ..errors import InputError
 
 
@@ -53,27 +53,20 @@ def load_groups_jsonl(path: str | Path) -> GroupedCaptions:
     if not path.is_file():
         raise InputError(f"{path}: caption-group file not found")
     out, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{ln}: not valid JSON: {err.msg}") from None
-            if not isinstance(rec, dict) or "group" not in rec or "captions" not in rec:
-                raise InputError(f"{path}:{ln}: expected an object with 'group' and 'captions'")
-            caps = rec["captions"]
-            if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
-                raise InputError(f"{path}:{ln}: 'captions' must be a non-empty list of non-empty strings")
-            kinds = rec.get("kinds")
-            if kinds is not None and (not isinstance(kinds, list) or len(kinds) != len(caps)):
-                raise InputError(f"{path}:{ln}: 'kinds' must list one kind per caption ({len(caps)})")
-            gid = str(rec["group"])
-            if gid in seen:
-                raise InputError(f"{path}:{ln}: duplicate group id {gid!r}")
-            seen.add(gid)
-            out.append(CaptionGroup(gid, [c.strip() for c in caps], [str(k) for k in kinds] if kinds else None))
+    for ln, rec in read_jsonl(path):
+        if "group" not in rec or "captions" not in rec:
+            raise InputError(f"{path}:{ln}: expected an object with 'group' and 'captions'")
+        caps = rec["captions"]
+        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+            raise InputError(f"{path}:{ln}: 'captions' must be a non-empty list of non-empty strings")
+        kinds = rec.get("kinds")
+        if kinds is not None and (not isinstance(kinds, list) or len(kinds) != len(caps)):
+            raise InputError(f"{path}:{ln}: 'kinds' must list one kind per caption ({len(caps)})")
+        gid = str(rec["group"])
+        if gid in seen:
+            raise InputError(f"{path}:{ln}: duplicate group id {gid!r}")
+        seen.add(gid)
+        out.append(CaptionGroup(gid, [c.strip() for c in caps], [str(k) for k in kinds] if kinds else None))
     if not out:
         raise InputError(f"{path}: no caption groups")
     return GroupedCaptions(out)

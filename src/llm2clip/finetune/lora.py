@@ -17,7 +17,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..text.attention import attention_inputs
 from ..text.encoder import CaptionBatch, CaptionEncoder, TokenizedCaption
 
 

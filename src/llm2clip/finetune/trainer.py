@@ -31,7 +31,7 @@ from ..text.encoder import ENCODER_MANIFEST, CaptionEncoder
 from .config import FinetuneConfig
 from .contrastive import distributed_contrastive_loss, grad_cached_backward, world
 from .data import CaptionGroup, GroupedCaptions, PairSampler, cupl_train_groups, load_groups_jsonl, load_text_corpus, merge_groups
-from .lora import TrunkCache, add_lora, inner_body
+from .lora import TrunkCache, add_lora
 from .mntp import mask_id_and_blocks, mask_tokens, mntp_evaluate, mntp_loss, special_mask
 
 log = logging.getLogger(__name__)

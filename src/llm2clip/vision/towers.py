@@ -31,7 +31,8 @@ class VisionTower(nn.Module):
     std: tuple[float, float, float] = OPENAI_STD
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        raise NotImplementedError
+        """Every tower kind overrides this; the base class only names the interface."""
+        raise TypeError(f"{type(self).__name__} does not define set_grad_checkpointing")
 
 
 # ------------------------------------------------------------------------------ small ViT
