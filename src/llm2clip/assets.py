@@ -45,10 +45,35 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+TINY_LLAMA_VERSION = 1  # bump when the tiny model's recipe changes, so caches rebuild
+
+
+def tiny_random_llama() -> Path:
+    """A tiny random Llama (2 layers, width 32) with a word-level tokenizer that knows the generated
+    scenes' words: the LLM of the pipeline's smoke preset. Built once into the cache, deterministically."""
+    from .data.scenes import BACKGROUNDS, COLOURS, COLS, NUMBERS, ROWS, SHAPES, SIZES
+    from .text.tiny import make_tiny_llm
+
+    path = cache_dir() / f"tiny-random-llama-v{TINY_LLAMA_VERSION}"
+    if not (path / "config.json").is_file():
+        words = [*SHAPES, *COLOURS, *BACKGROUNDS, *SIZES, *ROWS, *COLS, *NUMBERS, "shapes", "image", "shows",
+                 "plain", "background", "there", "by", "colour", "them", "this", "of", "than", "same"]
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        make_tiny_llm(tmp, seed=0, extra_words=words)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process built it first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 # Named models usable wherever a model path or hub id is accepted.
 MODEL_ALIASES = {
     "smollm2-135m-instruct": smollm2_gguf,
     "all-minilm-l6-v2": minilm_dir,
+    "tiny-random-llama": tiny_random_llama,
 }
 
 
