@@ -1,12 +1,24 @@
 """Evaluation: caption retrieval accuracy (CRA), image-text retrieval, zero-shot classification,
-benchmark loaders and reports."""
+benchmark loaders (files and built-in sets), checkpoint evaluation and reports.
 
-from .benchmarks import REGISTRY, Benchmark, describe_benchmarks, load_benchmark
-from .cra import caption_retrieval_accuracy
-from .report import make_run, model_identity, write_report
-from .retrieval import evaluate_retrieval, retrieval_metrics, retrieval_ranks, retrieval_result
-from .zeroshot import build_classifier, evaluate_zeroshot, zeroshot_accuracy
+Names load on first use, so building the command line does not import torch for this package."""
 
-__all__ = ["REGISTRY", "Benchmark", "describe_benchmarks", "load_benchmark", "caption_retrieval_accuracy",
-           "make_run", "model_identity", "write_report", "evaluate_retrieval", "retrieval_metrics",
-           "retrieval_ranks", "retrieval_result", "build_classifier", "evaluate_zeroshot", "zeroshot_accuracy"]
+_EXPORTS = {
+    "benchmarks": ["REGISTRY", "Benchmark", "BenchmarkUnavailable", "describe_benchmarks", "load_benchmark"],
+    "checkpoint": ["EvalModel", "caption_encoder_for", "evaluate_checkpoint", "load_eval_model"],
+    "cra": ["caption_retrieval_accuracy", "evaluate_cra"],
+    "report": ["make_run", "model_identity", "write_report"],
+    "retrieval": ["evaluate_retrieval", "retrieval_metrics", "retrieval_ranks", "retrieval_result"],
+    "zeroshot": ["build_classifier", "evaluate_zeroshot", "zeroshot_accuracy"],
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'llm2clip.eval' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)

@@ -26,6 +26,9 @@ Formats (``llm2clip.eval.benchmarks.REGISTRY`` lists them, with the files each e
   ``<split>_texts.jsonl`` with ``{"text_id": ..., "text": "...", "image_ids": [id]}`` per line,
   and the images either as ``<split>_imgs.tsv`` (``image_id<TAB>base64 image`` per line) or as
   files ``<split>_images/<image_id>.jpg``. Every listed image is a candidate, captioned or not.
+* Built in (no files; ``llm2clip.eval.builtin``): ``scenes-short`` / ``scenes-dense`` (held-out
+  generated scenes), ``fashion-mnist`` (the Debian package's test split, zero-shot), ``cupl-cra``
+  (CRA on the held-out CuPL classes).
 * ``imagenet``: a validation folder, either one sub-folder per class (sorted names give the label
   order, as ImageFolder does) or flat images with ``labels.txt`` (``<file name> <integer label>``
   per line, the official ``--imagenet-val-text`` format). Class names: given, or the 1,000
@@ -79,11 +82,15 @@ class TsvImage:
         return base64.urlsafe_b64decode(payload.strip() + b"=" * (-len(payload.strip()) % 4))
 
 
+class BenchmarkUnavailable(InputError):
+    """A built-in benchmark whose data is not installed here: callers may skip it with this message."""
+
+
 @dataclass
 class Benchmark:
     name: str
-    task: str  # "retrieval" or "classification"
-    images: list  # image paths (str) or TsvImage
+    task: str  # "retrieval", "classification" or "cra" (captions with groups, no images)
+    images: list  # image paths (str), TsvImage, or objects with load_image() -> PIL image
     captions: list[str] = field(default_factory=list)
     caption_image: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     labels: np.ndarray | None = None
@@ -92,6 +99,8 @@ class Benchmark:
     files: dict[str, str] = field(default_factory=dict)  # annotation file -> sha256
     skipped: list[dict] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    groups: list[str] | None = None  # cra: the group of each caption
+    prompts: dict | None = None  # classification: prompt sets that come with the data, label -> prompts
 
     def __post_init__(self):
         self.caption_image = np.asarray(self.caption_image, dtype=np.int64)
@@ -109,6 +118,9 @@ class Benchmark:
                 raise InputError(f"{self.name}: {len(self.labels)} labels for {len(self.images)} images")
             if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classnames)):
                 raise InputError(f"{self.name}: a label is outside 0..{len(self.classnames) - 1}")
+        elif self.task == "cra":
+            if self.groups is None or len(self.groups) != len(self.captions):
+                raise InputError(f"{self.name}: a CRA benchmark needs one group per caption")
         else:
             raise InputError(f"{self.name}: unknown task {self.task!r}")
 
@@ -124,6 +136,8 @@ class Benchmark:
 
         src = self.images[i]
         try:
+            if hasattr(src, "load_image"):  # generated or in-memory images
+                return src.load_image().convert("RGB")
             data = src.read_bytes() if isinstance(src, TsvImage) else None
             img = Image.open(io.BytesIO(data) if data is not None else src)
             img.load()
@@ -157,8 +171,12 @@ class Benchmark:
                "skipped_entries": self.skipped[:100], **self.meta}
         if self.task == "retrieval":
             out["captions"] = len(self.captions)
+        elif self.task == "cra":
+            out.update(captions=len(self.captions), groups=len(set(self.groups)))
         else:
             out["classes"] = len(self.classnames)
+        if self.prompts:
+            out["prompt_sets"] = list(self.prompts)
         return out
 
 
@@ -643,6 +661,7 @@ class BenchmarkSpec:
     loader: Callable[..., Benchmark]
     expects: str  # the files a local copy must have
     paper: str = ""  # what the paper reports on it
+    builtin: bool = False  # needs no local copy (its loader takes no root, or an optional one)
 
 
 REGISTRY: dict[str, BenchmarkSpec] = {}
@@ -678,16 +697,28 @@ for _spec in (
     register(_spec)
 
 
-def load_benchmark(name: str, root: str | Path, **options) -> Benchmark:
-    """Load benchmark ``name`` from its local copy at ``root``; options go to its loader."""
+def _takes_root(loader) -> bool:
+    return "root" in inspect.signature(loader).parameters
+
+
+def load_benchmark(name: str, root: str | Path | None = None, **options) -> Benchmark:
+    """Load benchmark ``name`` from its local copy at ``root`` (built-in sets need none); options go
+    to its loader."""
     spec = REGISTRY.get(name.lower())
     if spec is None:
         raise InputError(f"unknown benchmark {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    if root is None and not spec.builtin:
+        raise InputError(f"benchmark {spec.name} needs its local copy: {spec.name}=DIR with {spec.expects}")
+    if root is not None and spec.builtin and not _takes_root(spec.loader):
+        raise InputError(f"benchmark {spec.name} is built in and takes no folder (got {root})")
+    args = (root,) if root is not None and not spec.builtin else ()
+    if root is not None and spec.builtin:
+        options = {**options, "root": root}
     try:
-        inspect.signature(spec.loader).bind(root, **options)
+        inspect.signature(spec.loader).bind(*args, **options)
     except TypeError as err:
-        raise InputError(f"benchmark {name}: {err}") from None
-    return spec.loader(root, **options)
+        raise InputError(f"benchmark {spec.name}: {err}") from None
+    return spec.loader(*args, **options)
 
 
 def describe_benchmarks() -> str:
@@ -695,3 +726,6 @@ def describe_benchmarks() -> str:
     rows = ["| benchmark | task | expected files | paper |", "|---|---|---|---|"]
     rows += [f"| {s.name} | {s.task} | {s.expects} | {s.paper} |" for s in REGISTRY.values()]
     return "\n".join(rows)
+
+
+from . import builtin as _builtin  # noqa: E402,F401  registers the built-in sets

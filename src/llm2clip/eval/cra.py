@@ -58,3 +58,35 @@ def caption_retrieval_accuracy(
     out = {f"R@{k}": (hits[j].item() / queries if queries else float("nan")) for j, k in enumerate(ks)}
     out.update(pool_size=n, queries=queries)
     return out
+
+
+def evaluate_cra(model, benchmark, ks: Sequence[int] = (1, 5, 10), batch_size: int = 256,
+                 progress: bool | None = None) -> dict:
+    """CRA of a caption benchmark (task "cra") through ``model``'s own text path; the result dict the
+    reports consume.
+
+    When the model has ``text_stages()`` -> (caption encoder, head), the captions go through the
+    encoder once and CRA is reported both after the head (``R@K``, what the model uses) and of the
+    raw caption embeddings (``caption_encoder_R@K``): what the adapter adds or loses.
+    """
+    import time
+
+    from .benchmarks import encode_texts
+
+    if benchmark.task != "cra":
+        raise InputError(f"benchmark {benchmark.name!r} is a {benchmark.task} benchmark, not cra")
+    stages = getattr(model, "text_stages", None)
+    stages = stages() if callable(stages) else None
+    t0 = time.perf_counter()
+    if stages is not None:
+        raw = encode_texts(stages[0], benchmark.captions, batch_size, progress)
+        feats = torch.cat([stages[1](raw[s: s + batch_size]) for s in range(0, len(raw), batch_size)])
+    else:
+        raw, feats = None, encode_texts(model.encode_text, benchmark.captions, batch_size, progress)
+    t1 = time.perf_counter()
+    metrics = caption_retrieval_accuracy(feats, benchmark.groups, ks)
+    if raw is not None:
+        ref = caption_retrieval_accuracy(raw, benchmark.groups, ks)
+        metrics.update({f"caption_encoder_R@{k}": ref[f"R@{k}"] for k in ks})
+    return {"benchmark": benchmark.name, "task": "cra", "metrics": metrics, "data": benchmark.identity(),
+            "encode_s": round(t1 - t0, 3), "score_s": round(time.perf_counter() - t1, 3)}

@@ -71,7 +71,9 @@ def load_runs(paths: Sequence[str | Path]) -> list[dict]:
 
 # The paper's column order and names (Table 2, then cross-lingual, then zero-shot).
 DISPLAY = {"flickr30k": "Flickr30k", "coco": "COCO", "sharegpt4v": "ShareGPT4V", "urban1k": "Urban-1k",
-           "docci": "DOCCI", "flickr30k-cn": "Flickr30k-CN", "coco-cn": "COCO-CN", "imagenet": "ImageNet"}
+           "docci": "DOCCI", "flickr30k-cn": "Flickr30k-CN", "coco-cn": "COCO-CN", "imagenet": "ImageNet",
+           "scenes-short": "Scenes short", "scenes-dense": "Scenes dense", "fashion-mnist": "Fashion-MNIST",
+           "cupl-cra": "CuPL CRA"}
 
 
 def _benchmarks(runs: Sequence[dict]) -> list[tuple[str, str]]:
@@ -95,14 +97,21 @@ def _pct(x) -> str:
     return "–" if x is None or x != x else f"{100 * x:.1f}"
 
 
+def _header(bench: str, task: str, k: int) -> str:
+    if task == "retrieval":
+        return f"{_label(bench)} (I2T / T2I R@{k})"
+    if task == "cra":
+        return f"{_label(bench)} (R@1, pool)"
+    return f"{_label(bench)} (top-1 / top-5)"
+
+
 def markdown_table(runs: Sequence[dict], k: int = 1) -> str:
     """Rows: models; columns: benchmarks. Retrieval cells are ``I2T / T2I`` R@k in %, zero-shot
-    cells ``top-1 / top-5`` in %."""
+    cells ``top-1 / top-5`` in %, CRA cells R@1 in % with the pool size."""
     if isinstance(runs, dict):
         runs = [runs]
     benches = _benchmarks(runs)
-    head = ["Model"] + [f"{_label(b)} (I2T / T2I R@{k})" if t == "retrieval" else f"{_label(b)} (top-1 / top-5)"
-                        for b, t in benches]
+    head = ["Model"] + [_header(b, t, k) for b, t in benches]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         cells = [run["model"]["name"]]
@@ -113,6 +122,9 @@ def markdown_table(runs: Sequence[dict], k: int = 1) -> str:
             elif t == "retrieval":
                 m = r["metrics"]
                 cells.append(f"{_pct(m.get(f'i2t_R@{k}'))} / {_pct(m.get(f't2i_R@{k}'))}")
+            elif t == "cra":
+                m = r["metrics"]
+                cells.append(f"{_pct(m.get('R@1'))} ({m.get('pool_size', '?')})")
             else:
                 m = r["metrics"]
                 cells.append(f"{_pct(m.get('top1'))} / {_pct(m.get('top5'))}")
@@ -139,8 +151,11 @@ def data_table(runs: Sequence[dict]) -> str:
 def markdown_report(runs: Sequence[dict], title: str = "llm2clip evaluation") -> str:
     if isinstance(runs, dict):
         runs = [runs]
-    parts = [f"# {title}", "", "R@1 in %, I2T (image queries) / T2I (caption queries).", "", markdown_table(runs), "",
-             "## Data", "", data_table(runs), ""]
+    parts = [f"# {title}", "", "R@1 in %, I2T (image queries) / T2I (caption queries).", "", markdown_table(runs), ""]
+    skipped = [(run["model"]["name"], s) for run in runs for s in run.get("skipped", [])]
+    if skipped:
+        parts += ["Skipped:", ""] + [f"- {name}: {s['benchmark']}: {s['reason']}" for name, s in skipped] + [""]
+    parts += ["## Data", "", data_table(runs), ""]
     return "\n".join(parts)
 
 
@@ -201,9 +216,9 @@ def plot_r1_bars(runs: Sequence[dict], path: str | Path) -> Path:
         for b, t in benches:
             r = _find(run, b)
             m = r["metrics"] if r else {}
-            i2t.append(100 * m.get("i2t_R@1", m.get("top1", float("nan"))))
+            i2t.append(100 * m.get("i2t_R@1", m.get("top1", m.get("R@1", float("nan")))))
             t2i.append(100 * m.get("t2i_R@1", float("nan")))
-        series += [(f"{run['model']['name']} I2T / top-1", i2t), (f"{run['model']['name']} T2I", t2i)]
+        series += [(f"{run['model']['name']} I2T / top-1 / CRA", i2t), (f"{run['model']['name']} T2I", t2i)]
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(benches)), 3.6))
     for j, (label, vals) in enumerate(series):
@@ -211,7 +226,7 @@ def plot_r1_bars(runs: Sequence[dict], path: str | Path) -> Path:
         ax.bar(xs, vals, width, label=label, color=f"C{(j // 2) % 10}", alpha=1.0 if j % 2 == 0 else 0.55)
     ax.set_xticks(range(len(benches)))
     ax.set_xticklabels([_label(b) for b, _ in benches], rotation=20)
-    ax.set_ylabel("R@1 / top-1 (%)")
+    ax.set_ylabel("R@1 / top-1 / CRA R@1 (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)

@@ -122,22 +122,55 @@ def resolve_prompts(prompts, dataset: str = "imagenet1k"):
     return prompts, "given"
 
 
-def evaluate_zeroshot(model, benchmark, *, prompts="templates", dataset: str = "imagenet1k", preprocess=None,
+def descriptions_or_templates(classnames: Sequence[str], descriptions: dict, templates: Sequence[str]
+                              ) -> tuple[dict[str, list[str]], list[str]]:
+    """Per class its descriptions, or its templated names where it has none; and the classes that
+    fell back to templates (CuPL has no text for some classes)."""
+    out, fallback = {}, []
+    for c in classnames:
+        texts = [t for t in descriptions.get(c, []) if t.strip()]
+        if not texts:
+            fallback.append(c)
+            texts = [t.replace("{c}", c) for t in templates]
+        out[c] = texts
+    return out, fallback
+
+
+def _prompt_sets(prompts, benchmark, dataset: str) -> list[tuple[str, object, str]]:
+    """(label, prompts, source) per classifier: the benchmark's own sets when ``prompts`` is None."""
+    if prompts is None and benchmark.prompts:
+        return [(label, p, f"{benchmark.name}: {label}") for label, p in benchmark.prompts.items()]
+    p, src = resolve_prompts("templates" if prompts is None else prompts, dataset)
+    return [(prompts if isinstance(prompts, str) else "prompts", p, src)]
+
+
+def evaluate_zeroshot(model, benchmark, *, prompts=None, dataset: str = "imagenet1k", preprocess=None,
                       ks: Sequence[int] = DEFAULT_KS, batch_size: int = 64, on_bad_image: str = "error",
                       num_workers: int = 0, progress: bool | None = None) -> dict:
-    """Zero-shot top-K of ``model`` on a classification benchmark; the dict the reports consume."""
+    """Zero-shot top-K of ``model`` on a classification benchmark; the dict the reports consume.
+
+    ``prompts`` None: the benchmark's own prompt sets (``benchmark.prompts``) if it has them, else
+    CLIP's templates. With several sets the images are encoded once; the first set gives
+    ``top1``..., each other set ``<label>_top1``...
+    """
     from .benchmarks import encode_benchmark_images
 
     if benchmark.task != "classification":
         raise InputError(f"benchmark {benchmark.name!r} is a {benchmark.task} benchmark, not classification")
-    prompts, prompt_src = resolve_prompts(prompts, dataset)
+    sets = _prompt_sets(prompts, benchmark, dataset)
     t0 = time.perf_counter()
-    classifier = build_classifier(model.encode_text, benchmark.classnames, prompts, progress=progress)
+    classifiers = [build_classifier(model.encode_text, benchmark.classnames, p, progress=progress)
+                   for _, p, _ in sets]
     feats, benchmark = encode_benchmark_images(model, benchmark, preprocess=preprocess, batch_size=batch_size,
                                                on_bad=on_bad_image, num_workers=num_workers, progress=progress)
     t1 = time.perf_counter()
-    metrics = zeroshot_accuracy(feats, classifier, benchmark.labels, ks)
+    metrics = zeroshot_accuracy(feats, classifiers[0], benchmark.labels, ks)
+    for (label, _, _), clf in zip(sets[1:], classifiers[1:]):
+        m = zeroshot_accuracy(feats, clf, benchmark.labels, ks)
+        metrics.update({f"{label}_top{k}": m[f"top{k}"] for k in ks})
     data = benchmark.identity()
-    data["prompts"] = prompt_src
+    data["prompts"] = sets[0][2]
+    if len(sets) > 1:
+        data["prompt_sets"] = {label: src for label, _, src in sets}
     return {"benchmark": benchmark.name, "task": "classification", "metrics": metrics, "data": data,
             "encode_s": round(t1 - t0, 3), "score_s": round(time.perf_counter() - t1, 3)}
