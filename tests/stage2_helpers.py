@@ -91,3 +91,51 @@ def fit_worker(rank: int, world: int, port: int, cfg_dict: dict) -> None:
         fit(cfg, progress=False, dist_info=DistInfo(rank, world, 0, torch.device("cpu")))
     finally:
         _finish()
+
+
+def write_scene_manifest(folder, count: int, render_size: int = 16, corrupt=(), offset: int = 0):
+    """Generated scenes as PNG files plus a JSONL manifest (short and dense captions with text); the images
+    whose index is in ``corrupt`` are garbage bytes. Returns the manifest path."""
+    import json
+    from pathlib import Path
+
+    from llm2clip.data.scenes import SceneSet
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    scenes = SceneSet(count, offset=offset, render_size=render_size)
+    rows = []
+    for i in range(count):
+        name = f"scene{i:04d}.png"
+        if i in corrupt:
+            (folder / name).write_bytes(b"not a png")
+        else:
+            scenes.image(i).save(folder / name)
+        caps = [{"id": scenes.caption_id(i, k), "kind": k, "text": t} for k, t in scenes[i].captions().items()]
+        rows.append({"image": name, "captions": caps})
+    path = folder / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def fit_worker_resumable(rank: int, world: int, port: int, cfg_dict: dict, resume=None, stop_at_step=None) -> None:
+    """``fit_worker`` with ``resume`` and ``stop_at_step`` (a SimulatedCrash there ends the worker quietly)."""
+    from llm2clip.config import parse_config
+    from llm2clip.train.config import RunConfig
+    from llm2clip.train.distributed import DistInfo
+    from llm2clip.train.loop import SimulatedCrash, fit
+
+    _init(rank, world, port)
+    try:
+        cfg = parse_config(cfg_dict, RunConfig)
+        try:
+            fit(cfg, resume=resume, stop_at_step=stop_at_step, progress=False,
+                dist_info=DistInfo(rank, world, 0, torch.device("cpu")))
+        except SimulatedCrash:
+            pass
+    except BaseException:  # a nonzero exit makes mp.spawn raise; no barrier, the peer may be gone
+        import traceback
+
+        traceback.print_exc()
+        os._exit(1)
+    _finish()

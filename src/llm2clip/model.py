@@ -144,10 +144,22 @@ def check_identity(expected: dict | None, actual: dict | None, what: str = "capt
         raise ConfigError(f"{what} does not match the one this model was trained with ({lines})")
 
 
+def caption_encoder_record(features_config, features) -> dict | None:
+    """The config that rebuilds the caption encoder behind stage-2 features (JSON), or None when unknown:
+    ``data.features.encoder`` for in-memory embeddings, else the encoder a feature store's manifest names."""
+    if features_config is None:
+        return None
+    enc = getattr(features_config, "encoder", None)
+    if enc is not None:
+        return enc.model_dump(mode="json")
+    rec = (getattr(features, "manifest", None) or {}).get("encoder")  # stores made by write_store have none
+    return dict(rec) if isinstance(rec, dict) else None
+
+
 # -------------------------------------------------------------------------------------- model
 class LLM2CLIP(nn.Module):
     def __init__(self, cfg: ModelConfig, text_dim: int | None = None, text_identity: dict | None = None,
-                 load_pretrained: bool = True):
+                 load_pretrained: bool = True, caption_encoder_config: dict | None = None):
         super().__init__()
         self.config = cfg
         self.visual = build_vision_tower(cfg.vision, load_weights=load_pretrained)
@@ -170,6 +182,8 @@ class LLM2CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(init)))
         self.logit_bias = nn.Parameter(torch.tensor(cfg.logit_bias_init)) if cfg.loss == "siglip" else None
         self.text_identity = dict(text_identity) if text_identity else None
+        # How to rebuild the caption encoder (its config as JSON), saved so llm2clip.load needs no spec.
+        self.caption_encoder_config = dict(caption_encoder_config) if caption_encoder_config else None
         self.caption_encoder = None  # optional, for encode_text(list of str); not saved
 
     # ------------------------------------------------------------------------------ encoders
@@ -216,7 +230,8 @@ class LLM2CLIP(nn.Module):
     # ---------------------------------------------------------------------------- save / load
     def manifest(self) -> dict:
         return {"format": MANIFEST_FORMAT, "config": self.config.model_dump(mode="json"),
-                "text_dim": self.text.in_dim if self.uses_adapter else None, "text_identity": self.text_identity}
+                "text_dim": self.text.in_dim if self.uses_adapter else None, "text_identity": self.text_identity,
+                "caption_encoder": self.caption_encoder_config}
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_model
@@ -242,6 +257,7 @@ class LLM2CLIP(nn.Module):
             raise ConfigError(f"{mf}: unknown format {manifest.get('format')!r}")
         check_identity(manifest.get("text_identity"), text_identity)
         cfg = ModelConfig.model_validate(manifest["config"])
-        model = cls(cfg, manifest.get("text_dim"), manifest.get("text_identity"), load_pretrained=False)
+        model = cls(cfg, manifest.get("text_dim"), manifest.get("text_identity"), load_pretrained=False,
+                    caption_encoder_config=manifest.get("caption_encoder"))
         load_model(model, str(path / MODEL_WEIGHTS), device=map_location)
         return model.eval()

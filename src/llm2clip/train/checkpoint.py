@@ -37,15 +37,34 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def save_model(model, path: str | Path, state_dict: dict | None = None) -> Path:
+    """``model.save(path)``, or the same files from a full state dict gathered off a sharded (FSDP) model."""
+    if state_dict is None:
+        return model.save(path)
+    import json
+
+    from safetensors.torch import save_file
+
+    from ..model import MODEL_MANIFEST, MODEL_WEIGHTS
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path / MODEL_WEIGHTS), metadata={"format": "pt"})
+    (path / MODEL_MANIFEST).write_text(json.dumps(model.manifest(), indent=2))
+    return path
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, scaler, data_state: dict,
-                    config: dict, keep: int = 2) -> Path:
+                    config: dict, keep: int = 2, full_state: tuple[dict, dict] | None = None) -> Path:
+    """``full_state``: (model, optimizer) state gathered from a sharded model (train.fsdp.gather_full_state)."""
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    save_model(model, tmp, full_state[0] if full_state else None)
+    optim = full_state[1] if full_state else optimizer.state_dict()
+    torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None, "data": data_state,
                 "rng": rng_state(), "config": config}, tmp / STATE_FILE)
     if final.exists():
@@ -74,6 +93,22 @@ def resolve_resume(run_dir: str | Path, resume: str | bool | None) -> Path | Non
     if not (p / STATE_FILE).is_file():
         raise ConfigError(f"--resume: {p}: not a checkpoint folder (no {STATE_FILE})")
     return p
+
+
+def load_weights_and_optimizer(model, optimizer, ckpt: Path, optimizer_state: dict, sharded: bool,
+                               device: torch.device) -> None:
+    """Model weights and optimizer state of checkpoint ``ckpt``; ``sharded``: into an FSDP-sharded model."""
+    from safetensors.torch import load_file, load_model
+
+    from ..model import MODEL_WEIGHTS
+
+    if sharded:
+        from .fsdp import load_full_state
+
+        load_full_state(model, optimizer, load_file(str(ckpt / MODEL_WEIGHTS)), optimizer_state)
+    else:
+        load_model(model, str(ckpt / MODEL_WEIGHTS), device=str(device))
+        optimizer.load_state_dict(optimizer_state)
 
 
 def load_train_state(path: Path) -> dict:

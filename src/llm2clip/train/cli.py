@@ -12,10 +12,19 @@ examples:
   llm2clip train run.yaml --resume              # continue from the newest checkpoint of run_dir
   llm2clip train run.yaml --resume runs/x/checkpoints/step_00000400
   torchrun --nproc_per_node=2 -m llm2clip train run.yaml     # DDP (gloo on CPU, nccl on GPU)
+  llm2clip shards data/manifest.jsonl --out data/shards      # a manifest into webdataset tar shards
+
+Data sources (data.train / data.val): scenes, manifest, fashion_mnist, and webdataset
+({kind: webdataset, shards: data/shards} or a pattern like data/shards/train-{000000..000009}.tar),
+streamed in a seeded order, each rank reading its own shards; a resumed run continues at each rank's
+saved position (with the same number of processes). train.strategy: fsdp shards parameters,
+gradients and optimizer state over the ranks (FSDP2) for towers too large to replicate; its
+checkpoints are full ones, resumable under ddp or fsdp.
 
 The config is YAML with sections run_dir, seed, model (vision, text, embed_dim, loss), data (train,
 val, features, caption_kinds), optim (lr, weight_decay, layer_decay, warmup_steps, grad_clip) and
-train (batch_size, steps, accum_steps, precision, grad_checkpointing, checkpoint_every, eval_every).
+train (batch_size, steps, accum_steps, precision, strategy, grad_checkpointing, checkpoint_every,
+eval_every).
 The run folder gets config.json, metrics.jsonl, checkpoints/ and the final model/ (safetensors +
 llm2clip_model.json, which pins the caption encoder's identity).
 """

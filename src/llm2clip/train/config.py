@@ -60,7 +60,25 @@ class FashionMnistSource(StrictModel):
         self.root = _rel(self.root, base)
 
 
-DataSource = Annotated[Union[ScenesSource, ManifestSource, FashionMnistSource], Field(discriminator="kind")]
+class WebDatasetSource(StrictModel):
+    """Webdataset tar shards (llm2clip.data.shards): per sample an image and a JSON of caption ids and kinds,
+    joined with the feature store by id. Streamed in a seeded order; each rank reads its own shards."""
+
+    kind: Literal["webdataset"] = "webdataset"
+    shards: Union[str, list[str]] = Field(
+        description="a folder written by `llm2clip shards`, a brace pattern (shards/train-{000000..000009}.tar) "
+                    "or a list of tar files and patterns")
+    shuffle_shards: int = Field(4, ge=1, description="samples are shuffled together across this many shards")
+
+    def resolve_paths(self, base: Path) -> None:
+        if isinstance(self.shards, str):  # webdataset's '::' joins patterns; each resolves on its own
+            self.shards = "::".join(_rel(s, base) for s in self.shards.split("::"))
+        else:
+            self.shards = [_rel(s, base) for s in self.shards]
+
+
+DataSource = Annotated[Union[ScenesSource, ManifestSource, FashionMnistSource, WebDatasetSource],
+                       Field(discriminator="kind")]
 CaptionEncoderConfig = Annotated[
     Union[LLMEncoderConfig, SentenceEncoderConfig, RandomEncoderConfig, BagOfWordsConfig], Field(discriminator="kind")
 ]
@@ -123,6 +141,8 @@ class LoopConfig(StrictModel):
     steps: int = Field(1000, ge=1)
     accum_steps: int = Field(1, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="fsdp: shard parameters, gradients and optimizer "
+                                             "state over ranks (FSDP2), for towers too large to replicate")
     grad_checkpointing: bool = False
     local_loss: bool = True
     gather_with_grad: bool = True
@@ -148,6 +168,9 @@ class RunConfig(StrictModel):
     def _text_needs_features(self):
         if self.model.text.kind == "adapter" and self.data.features is None:
             raise ValueError("data.features is required when model.text is the adapter")
+        if self.train.strategy == "fsdp" and self.train.precision == "fp16":
+            raise ValueError("train.strategy fsdp runs with precision fp32 or bf16 (fp16 loss scaling is not "
+                             "supported on sharded gradients)")
         return self
 
     def resolve_paths(self, base: Path) -> None:

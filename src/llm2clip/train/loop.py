@@ -1,7 +1,8 @@
 """Stage-2 training: the vision tower learns against stored caption embeddings through the adapter.
 
-``fit(config)`` runs on one process or under torchrun (DDP). Data position is the global step
-(see StepBatchSampler), so a resumed run continues exactly where the checkpoint left off.
+``fit(config)`` runs on one process or under torchrun (DDP, or FSDP with train.strategy: fsdp). Data
+position is the global step (see StepBatchSampler), or for webdataset shards each rank's stream
+position saved in the checkpoint, so a resumed run continues exactly where the checkpoint left off.
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ from tqdm.auto import tqdm
 
 from ..data.images import (PairDataset, StepBatchSampler, build_caption_encoder, caption_texts, collate,
                            encode_captions, load_image_file, load_manifest)
+from ..data.shards import sync_positions
 from ..errors import ConfigError, InputError
 from ..losses import build_loss
-from ..model import LLM2CLIP, check_identity
+from ..model import LLM2CLIP, caption_encoder_record, check_identity
 from ..vision import build_transform
-from .checkpoint import load_train_state, resolve_resume, save_checkpoint, set_rng_state
-from .config import FashionMnistSource, ManifestSource, RunConfig, ScenesSource
+from .checkpoint import (load_train_state, load_weights_and_optimizer, resolve_resume, save_checkpoint, save_model,
+                         set_rng_state)
+from .config import FashionMnistSource, ManifestSource, RunConfig, ScenesSource, WebDatasetSource
 from .distributed import DistInfo, barrier, init_distributed
 from .evaluate import evaluate_retrieval
+from .fsdp import gather_full_state, reduce_replicated_grads
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,10 @@ def build_source(src) -> tuple[list, object]:
 
         ds = fm.FashionMnist(src.split, src.count, src.root or fm.DEFAULT_DIR, src.per_class)
         return ds.records, ds.image
+    if isinstance(src, WebDatasetSource):  # every sample's captions read up front (validation, in-memory encoding)
+        from ..data.shards import expand_shards, load_shard_records
+
+        return load_shard_records(expand_shards(src.shards))
     raise TypeError(type(src).__name__)
 
 
@@ -124,18 +132,26 @@ def fit(cfg: RunConfig, resume: str | bool | None = None, stop_at_step: int | No
         (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     torch.manual_seed(cfg.seed)  # identical init on every rank
 
-    # data
-    train_records, train_loader_fn = build_source(cfg.data.train)
+    # data (a webdataset source streams; its records are read up front only for in-memory caption encoding)
+    streamed = isinstance(cfg.data.train, WebDatasetSource)
+    in_memory = cfg.data.features is not None and cfg.data.features.encoder is not None
+    train_records, train_loader_fn = ([], None) if streamed and not in_memory else build_source(cfg.data.train)
     val_records, val_loader_fn = (build_source(cfg.data.val) if cfg.data.val is not None else ([], None))
     val_records = val_records[: cfg.data.val_max]
     features = build_features(cfg, [train_records, val_records])
 
     # model
     identity = dict(features.identity) if features is not None else None
-    model = LLM2CLIP(cfg.model, text_dim=features.dim if features is not None else None, text_identity=identity)
+    model = LLM2CLIP(cfg.model, text_dim=features.dim if features is not None else None, text_identity=identity,
+                     caption_encoder_config=caption_encoder_record(cfg.data.features, features))
     if T.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(di.device)
+    fsdp = T.strategy == "fsdp" and di.world > 1
+    if fsdp:
+        from .fsdp import shard_model
+
+        shard_model(model, di.device)
     tokenize = None if model.uses_adapter else model.text.tokenize
     v = model.visual
     train_tf = build_transform(v.image_size, v.mean, v.std, train=True, augment=cfg.data.augment)
@@ -153,12 +169,9 @@ def fit(cfg: RunConfig, resume: str | bool | None = None, stop_at_step: int | No
     ckpt = resolve_resume(run_dir, resume)
     if ckpt is not None:
         state = load_train_state(ckpt)
-        from safetensors.torch import load_model
-
         check_identity(json.loads((ckpt / "llm2clip_model.json").read_text()).get("text_identity"), identity,
                        "feature store")
-        load_model(model, str(ckpt / "model.safetensors"), device=str(di.device))
-        optimizer.load_state_dict(state["optimizer"])
+        load_weights_and_optimizer(model, optimizer, ckpt, state["optimizer"], fsdp, di.device)
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -168,14 +181,21 @@ def fit(cfg: RunConfig, resume: str | bool | None = None, stop_at_step: int | No
             log.info("resumed from %s at step %d", ckpt, step)
 
     train_model = model
-    if di.world > 1:
+    if di.world > 1 and not fsdp:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[di.device.index] if di.device.type == "cuda" else None)
 
     loss_fn = build_loss(cfg.model.loss, T.local_loss, T.gather_with_grad)
-    sampler = StepBatchSampler(len(dataset), T.batch_size, di.world, di.rank, T.accum_steps, cfg.seed, step, T.steps)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
-                                         collate_fn=collate, persistent_workers=False)
+    if streamed:
+        from ..data.shards import stream_loader
+
+        loader = stream_loader(cfg.data.train, cfg, di, train_tf, features if model.uses_adapter else None, tokenize,
+                               step, data_state)
+    else:
+        sampler = StepBatchSampler(len(dataset), T.batch_size, di.world, di.rank, T.accum_steps, cfg.seed, step,
+                                   T.steps)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
+                                             collate_fn=collate, persistent_workers=False)
 
     val_set = None
     if val_records:
@@ -190,14 +210,17 @@ def fit(cfg: RunConfig, resume: str | bool | None = None, stop_at_step: int | No
     bar = tqdm(total=T.steps, initial=step, unit="step", desc="stage 2",
                disable=True if (not di.main or progress is False) else (None if progress is None else False))
     last: dict = {}
+    full = None  # FSDP: the state last gathered on rank 0
     t0, n0 = time.perf_counter(), 0
     it = iter(loader)
     train_model.train()
     try:
         while step < T.steps:
             micro = [next(it) for _ in range(T.accum_steps)]
-            for _, _, skipped in micro:
-                data_state["skipped"] += skipped
+            for m in micro:
+                data_state["skipped"] += m[2]
+            if streamed:
+                data_state["position"] = micro[-1][3]
             data_state["seen"] += sum(len(m[0]) for m in micro)
             _check_bad(data_state, cfg.data.max_bad_fraction)
             loss = _train_step(train_model, model, micro, loss_fn, optimizer, scaler, T, O, di)
@@ -216,25 +239,33 @@ def fit(cfg: RunConfig, resume: str | bool | None = None, stop_at_step: int | No
                 bar.set_postfix(loss=f"{loss:.3f}", ips=f"{last['images_per_s']:.0f}")
                 t0, n0 = time.perf_counter(), 0
             if val_set is not None and ((T.eval_every and step % T.eval_every == 0) or step == T.steps):
-                if di.main:
+                if di.main or fsdp:  # FSDP: every rank takes part in the forward passes
                     ev = evaluate_retrieval(model, *val_set, di.device, T.eval_k, T.eval_batch_size,
                                             _autocast(di.device, T.precision) if T.precision != "fp32" else None)
                     row = {"step": step, "eval": ev}
                     metrics.write(row)
                     last = {**last, "eval": ev}
-                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if "R@1" in k))
+                    if di.main:
+                        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if "R@1" in k))
                 barrier()
             if (T.checkpoint_every and step % T.checkpoint_every == 0) or step == T.steps:
+                if streamed:
+                    sync_positions(data_state)  # collective: every rank's shard position
+                full = gather_full_state(model, optimizer) if fsdp else None  # collective
                 if di.main:
                     save_checkpoint(run_dir, step, model, optimizer, scheduler, scaler, data_state,
-                                    cfg.model_dump(mode="json"), T.keep_checkpoints)
+                                    cfg.model_dump(mode="json"), T.keep_checkpoints, full)
+                if step < T.steps:
+                    full = None  # rank 0's CPU holds the gathered state only for the final model/
                 barrier()
             bar.update(1)
     finally:
         bar.close()
         metrics.close()
+    if fsdp and full is None:
+        full = gather_full_state(model, optimizer)
     if di.main:
-        model.save(run_dir / "model")
+        save_model(model, run_dir / "model", full[0] if full else None)
     return last
 
 
@@ -261,7 +292,7 @@ def _train_step(train_model, model, micro, loss_fn, optimizer, scaler, T, O, di)
     dev = di.device
     ac = _autocast(dev, T.precision)
     bias = model.logit_bias
-    micro = [(im.to(dev, non_blocking=True), tx.to(dev, non_blocking=True)) for im, tx, _ in micro]
+    micro = [(m[0].to(dev, non_blocking=True), m[1].to(dev, non_blocking=True)) for m in micro]
     optimizer.zero_grad(set_to_none=True)
     if len(micro) == 1:
         im, tx = micro[0]
@@ -282,6 +313,7 @@ def _train_step(train_model, model, micro, loss_fn, optimizer, scaler, T, O, di)
                     txts = torch.cat([c[1] for c in cache[:j]] + [ft] + [c[1] for c in cache[j + 1:]])
                     loss = loss_fn(imgs, txts, model.logit_scale, bias)
                 (scaler.scale(loss) if scaler else loss).backward()
+    reduce_replicated_grads(model)  # FSDP: the unsharded logit scale/bias (no-op otherwise)
     if O.grad_clip:
         if scaler:
             scaler.unscale_(optimizer)

@@ -1,0 +1,454 @@
+"""Webdataset tar shards: writing them from image records, and streaming them into stage-2 training.
+
+Format (webdataset's conventions, so the ``webdataset`` package reads these shards as they are): the
+members of a sample share a key (``<key>.<ext>``); a sample holds one image (``jpg``, ``jpeg``, ``png``
+or ``webp``) and a ``json`` with the manifest's caption list::
+
+    {"image": "a.jpg", "captions": [{"id": "c1", "kind": "dense", "text": "..."}, ...]}   (text optional)
+
+Captions are joined with the feature store by id, as for manifests. A folder written by
+``write_shards`` also holds ``shards.json`` (the shard list with sample counts).
+
+Reading uses plain ``tarfile`` with an index of member offsets rather than webdataset's pipeline:
+the order must be a pure function of (seed, epoch, rank) and a position, so that ``--resume``
+continues exactly and every DataLoader worker knows where each batch starts, which webdataset's
+shuffle buffers and shard splitting do not give. The stream of rank ``r`` (see ``ShardStream``):
+epoch ``e`` permutes the shards (seed, e), rank r takes every world-th one, consecutive groups of
+``shuffle_shards`` shards have their samples permuted together, and batches are consecutive runs
+of that stream. Its position is (epoch, group, offset), saved per rank in checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import ConfigError, InputError
+from .images import Caption, Record
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+INDEX_FILE = "shards.json"
+INDEX_FORMAT = "llm2clip-shards/1"
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises for corrupt or truncated images
+
+
+# ------------------------------------------------------------------------------------ shard lists
+def expand_shards(spec: str | Sequence[str]) -> list[Path]:
+    """Tar files of a folder (its shards.json, else its *.tar), a brace pattern, or a list of either."""
+    from webdataset.shardlists import expand_urls  # webdataset's own pattern syntax ({a..b}, {x,y}, '::')
+
+    out: list[Path] = []
+    for item in ([spec] if isinstance(spec, str) else list(spec)):
+        p = Path(item)
+        if p.is_dir():
+            idx = p / INDEX_FILE
+            names = ([s["url"] for s in json.loads(idx.read_text())["shards"]] if idx.is_file()
+                     else sorted(q.name for q in p.glob("*.tar")))
+            if not names:
+                raise InputError(f"{p}: no shards ({INDEX_FILE} or *.tar)")
+            out.extend(p / n for n in names)
+        else:
+            out.extend(Path(u) for u in expand_urls(str(item)))
+    missing = [str(p) for p in out if not p.is_file()]
+    if missing:
+        raise InputError(f"shard(s) not found: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    if not out:
+        raise InputError(f"no shards in {spec!r}")
+    return out
+
+
+# ------------------------------------------------------------------------------------ reading
+def _split(name: str) -> tuple[str | None, str | None]:
+    from webdataset.tariterators import base_plus_ext  # the same key/extension split as webdataset readers
+
+    key, ext = base_plus_ext(name)
+    return key, (ext.lower() if ext else None)
+
+
+def index_shard(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """[(key, {ext: (data offset, size)})] in file order. A damaged tail ends the index there (warned)."""
+    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        with tarfile.open(path, "r:") as tf:  # uncompressed only: offsets must address the file
+            for ti in tf:
+                if not ti.isfile():
+                    continue
+                key, ext = _split(ti.name)
+                if key is not None:
+                    samples.setdefault(key, {})[ext] = (ti.offset_data, ti.size)
+    except (tarfile.TarError, OSError) as err:
+        log.warning("%s: unreadable after %d samples (%s); the rest of the shard is skipped", path, len(samples), err)
+    return list(samples.items())
+
+
+def _read(f, span: tuple[int, int]) -> bytes:
+    f.seek(span[0])
+    data = f.read(span[1])
+    if len(data) != span[1]:
+        raise OSError("truncated member")
+    return data
+
+
+def decode_image(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # decode now, so a corrupt image fails here and is skipped
+        return im.convert("RGB")
+
+
+def _image_span(members: dict) -> tuple[int, int] | None:
+    return next((members[e] for e in IMAGE_EXTS if e in members), None)
+
+
+def parse_captions(data: bytes, where: str) -> dict[str, list[Caption]]:
+    """The caption list of a sample's JSON. Unparseable bytes raise ValueError (a corrupt sample, skipped);
+    parseable JSON of another layout is an InputError (a data set this reader does not understand)."""
+    row = json.loads(data.decode("utf-8"))
+    caps = row.get("captions") if isinstance(row, dict) else None
+    if not isinstance(caps, list) or not caps:
+        raise InputError(f"{where}: the sample's json needs a non-empty list 'captions' of "
+                         '{"id": ..., "kind": ..., "text": ...} (see llm2clip.data.shards)')
+    out: dict[str, list[Caption]] = {}
+    for c in caps:
+        if not isinstance(c, dict) or not isinstance(c.get("id"), str) or not isinstance(c.get("kind"), str):
+            raise InputError(f"{where}: each caption needs string fields 'id' and 'kind'")
+        out.setdefault(c["kind"], []).append(Caption(c["id"], c.get("text")))
+    return out
+
+
+def load_shard_records(paths: Sequence[Path]) -> tuple[list[Record], Callable[[int], Image.Image]]:
+    """Every sample as a Record (image = its index) and an image loader: for validation sets and in-memory
+    caption encoding, which need all captions up front. Samples with an unreadable json are left out."""
+    refs: list[tuple[Path, tuple[int, int] | None]] = []
+    records: list[Record] = []
+    dropped = 0
+    for path in paths:
+        with open(path, "rb") as f:
+            for key, members in index_shard(path):
+                try:
+                    caps = parse_captions(_read(f, members["json"]), f"{path}:{key}")
+                except (KeyError, OSError, ValueError):
+                    dropped += 1
+                    continue
+                records.append(Record(len(refs), caps))
+                refs.append((path, _image_span(members)))
+    if dropped:
+        log.warning("%d samples without a readable json were left out of %s", dropped, paths[0].parent)
+    if not records:
+        raise InputError(f"no samples in {len(paths)} shard(s) under {paths[0].parent}")
+
+    def load(i: int) -> Image.Image:
+        path, span = refs[i]
+        if span is None:
+            raise OSError("the sample has no image")
+        with open(path, "rb") as f:
+            return decode_image(_read(f, span))
+
+    return records, load
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    return np.random.default_rng(list(keys))
+
+
+@dataclass
+class StreamPosition:
+    """The next sample of a rank's stream: group ``group`` of epoch ``epoch``, ``offset`` samples in."""
+
+    epoch: int = 0
+    group: int = 0
+    offset: int = 0
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch, "group": self.group, "offset": self.offset}
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Micro-batches ``(images, texts, skipped, position)`` of one rank, from ``start`` on.
+
+    The order is a pure function of (seed, epoch, world, rank); see the module docstring. Batch ``i``
+    of the stream is made by DataLoader worker ``i % num_workers``; every worker walks the tar indexes
+    of the whole stream so it knows where its batches start, and decodes only its own. An unreadable
+    sample (image or json) is replaced by the next readable one of its group and counted in
+    ``skipped``, so the position never depends on what could be decoded. ``position`` is where the
+    stream continues after the batch.
+    """
+
+    def __init__(self, shards: Sequence[Path], micro_batch: int, world: int = 1, rank: int = 0, seed: int = 0,
+                 transform=None, kinds: dict[str, float] | None = None, features=None,
+                 tokenize: Callable[[list[str]], torch.Tensor] | None = None, shuffle_shards: int = 4,
+                 start: dict | None = None, num_batches: int | None = None, max_tries: int = 64):
+        if (features is None) == (tokenize is None):
+            raise ValueError("give exactly one of features (adapter) or tokenize (CLIP text tower)")
+        if len(shards) < world:
+            raise ConfigError(f"{len(shards)} shard(s) for {world} ranks: every rank needs at least one shard "
+                              "(write more, smaller shards)")
+        kinds = dict(kinds or {"short": 0.5, "dense": 0.5})
+        if not kinds or any(p < 0 for p in kinds.values()) or sum(kinds.values()) <= 0:
+            raise InputError(f"caption_kinds must give non-negative probabilities with a positive sum: {kinds}")
+        self.shards, self.micro, self.world, self.rank, self.seed = [Path(s) for s in shards], micro_batch, world, \
+            rank, seed
+        self.transform, self.kinds, self.features, self.tokenize = transform, kinds, features, tokenize
+        self.k, self.start, self.num_batches, self.max_tries = shuffle_shards, dict(start or {}), num_batches, max_tries
+        self._groups: dict[tuple[int, int], list] = {}
+        self._files: dict[int, object] = {}
+
+    # -------------------------------------------------------------------------------- the order
+    def _rank_shards(self, epoch: int) -> list[int]:
+        return [int(i) for i in _rng(self.seed, epoch, 4).permutation(len(self.shards))[self.rank :: self.world]]
+
+    def _n_groups(self, epoch: int) -> int:
+        return -(-len(self._rank_shards(epoch)) // self.k)
+
+    def group(self, epoch: int, g: int) -> list[tuple[int, int, str, dict]]:
+        """The samples (shard id, index in shard, key, members) of group ``g`` of ``epoch``, in stream order."""
+        got = self._groups.get((epoch, g))
+        if got is None:
+            samples = [(s, i, key, members)
+                       for s in self._rank_shards(epoch)[g * self.k : (g + 1) * self.k]
+                       for i, (key, members) in enumerate(index_shard(self.shards[s]))]
+            order = _rng(self.seed, epoch, self.rank, g, 5).permutation(len(samples))
+            got = [samples[i] for i in order]
+            if len(self._groups) >= 4:  # a batch spans at most a few groups
+                self._groups.pop(next(iter(self._groups)))
+            self._groups[(epoch, g)] = got
+        return got
+
+    def _take(self, pos: StreamPosition, n: int) -> tuple[list[tuple[int, int, int]], StreamPosition]:
+        """The next ``n`` slots (epoch, group, index) and the position after them."""
+        out: list[tuple[int, int, int]] = []
+        empty = 0
+        while len(out) < n:
+            size = len(self.group(pos.epoch, pos.group))
+            if pos.offset >= size:
+                empty = empty + 1 if size == 0 else 0
+                if empty > self._n_groups(pos.epoch) + 1:
+                    raise InputError(f"rank {self.rank}: its shards hold no readable samples")
+                pos = (StreamPosition(pos.epoch, pos.group + 1, 0) if pos.group + 1 < self._n_groups(pos.epoch)
+                       else StreamPosition(pos.epoch + 1, 0, 0))
+                continue
+            m = min(n - len(out), size - pos.offset)
+            out += [(pos.epoch, pos.group, j) for j in range(pos.offset, pos.offset + m)]
+            pos = StreamPosition(pos.epoch, pos.group, pos.offset + m)
+        return out, pos
+
+    # -------------------------------------------------------------------------------- decoding
+    def _file(self, s: int):
+        f = self._files.get(s)
+        if f is None:
+            if len(self._files) >= 16:
+                self._files.pop(next(iter(self._files))).close()
+            f = self._files[s] = open(self.shards[s], "rb")
+        return f
+
+    def _caption(self, caps: dict[str, list[Caption]], rng: np.random.Generator, where: str) -> Caption:
+        kinds = [k for k in self.kinds if k in caps and self.kinds[k] > 0]
+        if not kinds:
+            raise InputError(f"{where}: none of the caption kinds {sorted(self.kinds)}")
+        p = np.array([self.kinds[k] for k in kinds], dtype=np.float64)
+        kind = kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
+        return caps[kind][int(rng.integers(len(caps[kind])))]
+
+    def _sample(self, epoch: int, g: int, j: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        grp = self.group(epoch, g)
+        for skipped in range(min(self.max_tries, len(grp))):
+            s, i, key, members = grp[(j + skipped) % len(grp)]
+            where = f"{self.shards[s]}:{key}"
+            span = _image_span(members)
+            if span is None or "json" not in members:
+                continue
+            try:
+                f = self._file(s)
+                caps = parse_captions(_read(f, members["json"]), where)
+                im = decode_image(_read(f, span))
+            except _DECODE_ERRORS:
+                continue
+            # Seeded by the sample itself (shard, index, epoch): the same in every worker, resume and world size.
+            cap = self._caption(caps, _rng(self.seed, epoch, s, i, 1), where)
+            with torch.random.fork_rng(devices=[]):  # seeded augmentation that leaves the trainer's RNG alone
+                torch.manual_seed(int(_rng(self.seed, epoch, s, i, 2).integers(2**62)))
+                img = self.transform(im) if self.transform is not None else im
+            if self.features is not None:
+                text = torch.from_numpy(np.asarray(self.features.get_by_ids([cap.id])[0], dtype=np.float32))
+            else:
+                if cap.text is None:
+                    raise InputError(f"{where}: caption {cap.id} has no text; the CLIP text tower needs it")
+                text = self.tokenize([cap.text])[0]
+            return img, text, skipped
+        raise InputError(f"{self.max_tries} samples in a row from {self.shards[grp[j][0]]} could not be read")
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        pos = StreamPosition(**self.start)
+        b = 0
+        try:
+            while self.num_batches is None or b < self.num_batches:
+                slots, pos = self._take(pos, self.micro)
+                if b % nw == wid:
+                    imgs, texts, skipped = zip(*(self._sample(*slot) for slot in slots))
+                    yield torch.stack(imgs), torch.stack(texts), int(sum(skipped)), pos.as_dict()
+                b += 1
+        finally:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+
+
+# ------------------------------------------------------------------------------------ training glue
+def stream_loader(src, cfg, dist_info, transform, features, tokenize, step: int, data_state: dict):
+    """The DataLoader of a ``webdataset`` training source for ``fit``, continuing at ``data_state``'s
+    position of this rank (saved by ``sync_positions``)."""
+    T = cfg.train
+    if T.batch_size % (dist_info.world * T.accum_steps):
+        raise InputError(f"batch_size {T.batch_size} is not divisible by world size x accum_steps "
+                         f"({dist_info.world * T.accum_steps})")
+    start = None
+    saved = data_state.get("positions")
+    if step and saved is None:
+        log.warning("the checkpoint holds no shard position; the webdataset stream starts from its beginning")
+    elif saved is not None:
+        if len(saved) != dist_info.world:
+            raise ConfigError(f"the checkpoint's shard positions are for {len(saved)} process(es); resume a "
+                              f"webdataset run with that many (got {dist_info.world})")
+        start = saved[dist_info.rank]
+    stream = ShardStream(expand_shards(src.shards), T.batch_size // (dist_info.world * T.accum_steps),
+                         dist_info.world, dist_info.rank, cfg.seed, transform, cfg.data.caption_kinds, features,
+                         tokenize, src.shuffle_shards, start, (T.steps - step) * T.accum_steps)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.workers)
+
+
+def sync_positions(data_state: dict) -> dict:
+    """Every rank's stream position into ``data_state['positions']`` (collective under torch.distributed)."""
+    if "position" not in data_state:
+        return data_state
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        got: list = [None] * dist.get_world_size()
+        dist.all_gather_object(got, data_state["position"])
+    else:
+        got = [data_state["position"]]
+    data_state["positions"] = got
+    return data_state
+
+
+# ------------------------------------------------------------------------------------ writing
+def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    ti = tarfile.TarInfo(name)  # fixed metadata: the same records give byte-identical shards
+    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(data), 0, 0o644, 0, 0, "", ""
+    tf.addfile(ti, io.BytesIO(data))
+
+
+def _image_bytes(image, load_image) -> tuple[bytes, str]:
+    """(bytes, extension): a file of a webdataset image type as it is, anything else re-encoded as PNG."""
+    if load_image is None and isinstance(image, (str, Path)):
+        ext = Path(image).suffix.lower().lstrip(".")
+        if ext in IMAGE_EXTS:
+            return Path(image).read_bytes(), ext
+        with Image.open(image) as im:
+            im = im.convert("RGB")
+    elif load_image is None:
+        raise InputError(f"record image {image!r} is not a file path; pass load_image")
+    else:
+        im = load_image(image).convert("RGB")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue(), "png"
+
+
+def _sample_json(rec: Record) -> bytes:
+    caps = [{"id": c.id, "kind": k, **({"text": c.text} if c.text is not None else {})}
+            for k, cs in rec.captions.items() for c in cs]
+    name = Path(rec.image).name if isinstance(rec.image, (str, Path)) else str(rec.image)
+    return json.dumps({"image": name, "captions": caps}, ensure_ascii=False, sort_keys=True).encode("utf-8")
+
+
+def _fingerprint(records: Sequence[Record], per_shard: int, prefix: str) -> str:
+    h = hashlib.sha256(f"{per_shard}:{prefix}".encode())
+    for r in records:
+        h.update(str(r.image).encode())
+        h.update(_sample_json(r))
+    return h.hexdigest()
+
+
+def write_shards(records: Sequence[Record], out_dir: str | Path, per_shard: int = 1000, prefix: str = "train",
+                 load_image: Callable | None = None, overwrite: bool = False, progress: bool | None = None) -> dict:
+    """Write ``records`` as webdataset tar shards ``<prefix>-000000.tar``, ... plus ``shards.json`` into ``out_dir``.
+
+    Image files of type jpg/jpeg/png/webp are stored byte for byte (a corrupt one is left for the
+    trainer to skip and count); other files and ``load_image(record.image)`` results are stored as PNG.
+    A missing or unreadable file leaves its sample out (counted in the result). Shards are written
+    into ``.<out>.partial`` next to ``out_dir``, each atomically; a rerun with the same records keeps
+    the finished ones; the folder takes its final name only when complete.
+    """
+    from tqdm.auto import tqdm
+
+    if per_shard < 1:
+        raise InputError("per_shard must be at least 1")
+    if not records:
+        raise InputError("no records to write")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} exists; choose another folder or overwrite")
+    part = out.parent / f".{out.name}.partial"
+    job = {"fingerprint": _fingerprint(records, per_shard, prefix)}
+    jobfile = part / "job.json"
+    if part.exists() and (not jobfile.is_file() or json.loads(jobfile.read_text()) != job):
+        shutil.rmtree(part)  # left by a run over other records: start over
+    part.mkdir(parents=True, exist_ok=True)
+    jobfile.write_text(json.dumps(job))
+
+    shards, missing = [], []
+    n_shards = -(-len(records) // per_shard)
+    for s in tqdm(range(n_shards), desc="shards", unit="shard", disable=True if progress is False else None):
+        name = f"{prefix}-{s:06d}.tar"
+        final = part / name
+        chunk = records[s * per_shard : (s + 1) * per_shard]
+        if final.is_file():  # finished by an earlier run (written atomically)
+            shards.append({"url": name, "nsamples": len(index_shard(final))})
+            continue
+        tmp = part / f".{name}.tmp"
+        n = 0
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for j, rec in enumerate(chunk):
+                try:
+                    data, ext = _image_bytes(rec.image, load_image)
+                except _DECODE_ERRORS:
+                    missing.append(str(rec.image))
+                    continue
+                key = f"{s * per_shard + j:09d}"
+                _tar_add(tf, f"{key}.{ext}", data)
+                _tar_add(tf, f"{key}.json", _sample_json(rec))
+                n += 1
+        os.replace(tmp, final)
+        shards.append({"url": name, "nsamples": n})
+    total = sum(s["nsamples"] for s in shards)
+    index = {"format": INDEX_FORMAT, "shards": shards, "samples": total, "left_out": len(records) - total}
+    (part / INDEX_FILE).write_text(json.dumps(index, indent=1))
+    jobfile.unlink()
+    if out.exists():  # overwrite: swap the folders, then drop the old one
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        part.rename(out)
+        shutil.rmtree(old)
+    else:
+        part.rename(out)
+    if index["left_out"]:
+        log.warning("%d image(s) missing or unreadable were left out%s", index["left_out"],
+                    f", e.g. {missing[0]}" if missing else "")
+    return {**index, "out": str(out), "left_out_images": missing[:100]}
