@@ -1,0 +1,439 @@
+"""Image indexes: a folder of images embedded by an LLM2CLIP model into a faiss index, searchable by text or image.
+
+Layout of a finished index folder::
+
+    manifest.json    format, the model's identity (weights sha256, caption-encoder identity) and path,
+                     the image folder, counts, the faiss index kind; written last, atomically
+    index.faiss      flat inner product (exact) or HNSW (approximate); row i is line i of files.txt
+    files.txt        image paths relative to the image folder, one per line
+    skipped.txt      unreadable files: '<path>\\t<reason>' per line
+
+While building, ``index-job.json`` (the model and the frozen file list's hash), ``plan.txt`` (that list)
+and ``chunks/chunk-NNNNN.npz`` (embeddings of ``chunk_size`` files each, written atomically) hold the
+progress: a killed run continues from its last finished chunk. Embeddings are L2-normalised, so inner
+product = cosine similarity = ``LoadedModel.similarity``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "llm2clip-image-index/1"
+MANIFEST = "manifest.json"
+JOB_FILE = "index-job.json"
+PLAN_FILE = "plan.txt"
+CHUNK_DIR = "chunks"
+FAISS_FILE = "index.faiss"
+FILES_FILE = "files.txt"
+SKIPPED_FILE = "skipped.txt"
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class IndexInterrupted(RuntimeError):
+    """Raised by ``build_index(stop_after_chunks=...)``: tests use it to kill a run between chunks."""
+
+
+def _faiss():
+    # faiss logs each SIMD variant it tries at INFO; the CLI's INFO logging would print them all.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
+
+    return faiss
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    from ..features.store import write_bytes_atomic
+
+    write_bytes_atomic(path, data)
+
+
+# ------------------------------------------------------------------------------------ discovery
+def find_images(root: str | Path, exclude: Path | None = None) -> tuple[list[str], list[tuple[str, str]]]:
+    """(image paths relative to ``root``, sorted; unusable names with a reason), recursively.
+
+    Hidden files and folders are left out; so is ``exclude`` (an index folder inside ``root``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: image folder not found")
+    exclude = exclude.resolve() if exclude is not None else None
+    found, bad = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and (exclude is None or (here / d).resolve() != exclude))
+        for name in sorted(filenames):
+            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTS):
+                continue
+            rel = (here / name).relative_to(root).as_posix()
+            if "\n" in rel or "\t" in rel or "\r" in rel:
+                bad.append((rel.encode("unicode_escape").decode(), "the path contains a tab or newline"))
+            else:
+                found.append(rel)
+    return sorted(found), bad
+
+
+# ------------------------------------------------------------------------------------ building
+@dataclass
+class IndexResult:
+    path: Path
+    count: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    embedded_now: int = 0  # files read in this run (resumed chunks are not read again)
+    already_complete: bool = False
+
+
+def _sha_lines(lines: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+def _chunk_path(out: Path, k: int) -> Path:
+    return out / CHUNK_DIR / f"chunk-{k:05d}.npz"
+
+
+def _npz_bytes(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _read_chunk(path: Path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in ("emb", "ok", "bad", "reason")}
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"{path}: unreadable chunk ({err}); delete it and rerun to recompute it") from None
+
+
+class _ImageFiles:
+    """Dataset of (row, pixels or None, reason); reads never raise, a bad file becomes a reason."""
+
+    def __init__(self, root: Path, rels: list[str], transform):
+        self.root, self.rels, self.transform = root, rels, transform
+
+    def __len__(self) -> int:
+        return len(self.rels)
+
+    def __getitem__(self, i: int):
+        from ..data.images import load_image_file
+
+        try:
+            return i, self.transform(load_image_file(str(self.root / self.rels[i]))), ""
+        except Exception as err:  # PIL raises many types for malformed files; the reason is recorded
+            return i, None, f"{type(err).__name__}: {err}".replace("\n", " ").replace("\t", " ")
+
+
+def _collate(batch):
+    return batch
+
+
+def _job_record(lm, root: Path, plan: list[str], chunk_size: int) -> dict:
+    return {"format": "llm2clip-index-job", "model": lm.identity(), "images_dir": str(root),
+            "files": len(plan), "files_sha256": _sha_lines(plan), "chunk_size": chunk_size}
+
+
+def _differences(have: dict, want: dict) -> list[str]:
+    return sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+
+
+def _prepare(out: Path, root: Path, lm, chunk_size: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """Start or resume: the frozen plan (file list) and the names skipped at discovery."""
+    jf, pf = out / JOB_FILE, out / PLAN_FILE
+    if jf.is_file():
+        try:
+            have = json.loads(jf.read_text(encoding="utf-8"))
+            lines = pf.read_text(encoding="utf-8").split("\n") if pf.stat().st_size else []
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"{out}: unreadable job files ({err}); delete {out} to start over") from None
+        plan = [ln for ln in lines if not ln.startswith("\t")]
+        bad = [tuple(ln[1:].split("\t", 1)) for ln in lines if ln.startswith("\t")]
+        want = _job_record(lm, root, plan, chunk_size)
+        diff = _differences(have, want)
+        if diff:
+            what = "model" if "model" in diff else ", ".join(diff)
+            raise ConfigError(f"{jf}: this index was started with another {what}; resume with the same "
+                              "settings or choose a new --out")
+        from ..features.store import remove_temp_files
+
+        remove_temp_files(out / CHUNK_DIR)
+        now, _ = find_images(root, exclude=out)
+        new = len(set(now) - set(plan))
+        if new:
+            log.info("%d file(s) added to %s since this index was started are not in it (start a new --out "
+                     "to include them)", new, root)
+        return plan, bad
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{out}: not empty and not an unfinished index; choose an empty or new --out")
+    plan, bad = find_images(root, exclude=out)
+    if not plan:
+        raise InputError(f"{root}: no image files ({', '.join(IMAGE_EXTS)}) found")
+    (out / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
+    _write_atomic(pf, "\n".join(plan + [f"\t{r}\t{why}" for r, why in bad]).encode("utf-8"))
+    _write_atomic(jf, (json.dumps(_job_record(lm, root, plan, chunk_size), indent=1) + "\n").encode())
+    return plan, bad
+
+
+def _faiss_index(emb: np.ndarray, hnsw: bool, hnsw_m: int, ef_construction: int, ef_search: int):
+    faiss = _faiss()
+
+    d = emb.shape[1]
+    if hnsw:
+        index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        index.hnsw.efSearch = ef_search
+    else:
+        index = faiss.IndexFlatIP(d)
+    index.add(np.ascontiguousarray(emb, dtype=np.float32))
+    return index
+
+
+def _index_settings(hnsw: bool, hnsw_m: int, ef_construction: int, ef_search: int) -> dict:
+    if hnsw:
+        return {"kind": "hnsw", "metric": "inner_product", "M": hnsw_m, "ef_construction": ef_construction,
+                "ef_search": ef_search}
+    return {"kind": "flat", "metric": "inner_product"}
+
+
+def build_index(images_dir: str | Path, model, out: str | Path, *, hnsw: bool = False, hnsw_m: int = 32,
+                ef_construction: int = 80, ef_search: int = 64, chunk_size: int = 1024, batch_size: int = 64,
+                workers: int = 0, device: str = "cpu", dtype=None, progress: bool | None = None,
+                stop_after_chunks: int | None = None) -> IndexResult:
+    """Embed every image under ``images_dir`` with ``model`` (a LoadedModel or a model folder) into ``out``.
+
+    Resumable: rerun with the same arguments after a kill. Unreadable files are skipped and listed."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..api import LoadedModel, load
+
+    if chunk_size < 1 or batch_size < 1 or workers < 0:
+        raise ConfigError("chunk_size and batch_size must be >= 1 and workers >= 0")
+    root, out = Path(images_dir).resolve(), Path(out).resolve()
+    lm = model if isinstance(model, LoadedModel) else load(model, device=device, dtype=dtype, lazy_text=True)
+    settings = _index_settings(hnsw, hnsw_m, ef_construction, ef_search)
+    if (out / MANIFEST).is_file():
+        idx = ImageIndex.open(out)
+        idx.check_model(lm)
+        if idx.manifest["images_dir"] != str(root) or idx.manifest["index"] != settings:
+            raise ConfigError(f"{out}: already holds a finished index of {idx.manifest['images_dir']} "
+                              f"({idx.manifest['index']['kind']}); choose a new --out")
+        shutil.rmtree(out / CHUNK_DIR, ignore_errors=True)  # a run killed after its manifest was written
+        return IndexResult(out, len(idx), idx.skipped(), 0, already_complete=True)
+    plan, skipped = _prepare(out, root, lm, chunk_size)
+    n_chunks = (len(plan) + chunk_size - 1) // chunk_size
+    todo = [k for k in range(n_chunks) if not _chunk_path(out, k).is_file()]
+    done_rows = sum(min(chunk_size, len(plan) - k * chunk_size) for k in range(n_chunks) if k not in set(todo))
+    if done_rows:
+        log.info("resuming %s: %d of %d chunks already done", out, n_chunks - len(todo), n_chunks)
+
+    # Batches never cross a chunk boundary, so each chunk is complete when its last batch arrives.
+    batches, last_of_chunk = [], {}
+    for k in todo:
+        lo, hi = k * chunk_size, min((k + 1) * chunk_size, len(plan))
+        for s in range(lo, hi, batch_size):
+            batches.append(list(range(s, min(s + batch_size, hi))))
+        last_of_chunk[len(batches) - 1] = k
+    loader = torch.utils.data.DataLoader(_ImageFiles(root, plan, lm.transform), batch_sampler=batches,
+                                         num_workers=workers, collate_fn=_collate)
+    bar = tqdm(total=len(plan), initial=done_rows, unit="img", desc="index", smoothing=0.1,
+               disable=(not progress) if progress is not None else None)
+    embedded, finished = 0, 0
+    emb_parts, ok_rows, bad_rows, reasons = [], [], [], []
+    try:
+        for b, items in enumerate(loader):
+            good = [(i, x) for i, x, _ in items if x is not None]
+            for i, _, why in items:
+                if why:
+                    bad_rows.append(i)
+                    reasons.append(why)
+            if good:
+                emb_parts.append(lm.embed_pixels(torch.stack([x for _, x in good])).numpy())
+                ok_rows.extend(i for i, _ in good)
+            embedded += len(items)
+            bar.update(len(items))
+            if b in last_of_chunk:
+                k = last_of_chunk[b]
+                emb = np.concatenate(emb_parts) if emb_parts else np.zeros((0, lm.embed_dim), np.float32)
+                data = _npz_bytes(emb=emb.astype(np.float32), ok=np.asarray(ok_rows, np.int64),
+                                  bad=np.asarray(bad_rows, np.int64), reason=np.asarray(reasons, dtype=str))
+                _write_atomic(_chunk_path(out, k), data)
+                emb_parts, ok_rows, bad_rows, reasons = [], [], [], []
+                finished += 1
+                if stop_after_chunks is not None and finished >= stop_after_chunks:
+                    raise IndexInterrupted(f"stopped after {finished} chunk(s)")
+    finally:
+        bar.close()
+    return _finalize(out, root, lm, plan, skipped, n_chunks, settings, embedded)
+
+
+def _finalize(out: Path, root: Path, lm, plan: list[str], skipped: list, n_chunks: int, settings: dict,
+              embedded: int) -> IndexResult:
+    embs, files, skipped = [], [], list(skipped)
+    for k in range(n_chunks):
+        c = _read_chunk(_chunk_path(out, k))
+        if c["emb"].shape != (len(c["ok"]), lm.embed_dim):
+            raise InputError(f"{_chunk_path(out, k)}: embeddings of shape {c['emb'].shape}, expected "
+                             f"{(len(c['ok']), lm.embed_dim)}; delete it and rerun")
+        embs.append(c["emb"])
+        files.extend(plan[i] for i in c["ok"])
+        skipped.extend((plan[i], str(why)) for i, why in zip(c["bad"], c["reason"]))
+    if not files:
+        raise InputError(f"{root}: none of the {len(plan)} image file(s) could be read (see {out / PLAN_FILE})")
+    emb = np.concatenate(embs)
+    index = _faiss_index(emb, settings["kind"] == "hnsw", settings.get("M", 32), settings.get("ef_construction", 80),
+                         settings.get("ef_search", 64))
+    faiss = _faiss()
+    tmp = out / f".{FAISS_FILE}.tmp-{os.getpid()}"
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, out / FAISS_FILE)
+    _write_atomic(out / FILES_FILE, ("\n".join(files) + "\n").encode("utf-8"))
+    _write_atomic(out / SKIPPED_FILE, "".join(f"{r}\t{why}\n" for r, why in skipped).encode("utf-8"))
+    manifest = {"format": FORMAT, "model": {**lm.identity(), "path": str(lm.path)}, "images_dir": str(root),
+                "count": len(files), "skipped": len(skipped), "dim": int(emb.shape[1]), "index": settings,
+                "dtype": str(lm.dtype).removeprefix("torch."), "image_size": lm.image_size}
+    _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+    shutil.rmtree(out / CHUNK_DIR, ignore_errors=True)
+    for name in (JOB_FILE, PLAN_FILE):
+        (out / name).unlink(missing_ok=True)
+    return IndexResult(out, len(files), skipped, embedded)
+
+
+# ------------------------------------------------------------------------------------ searching
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    file: str  # relative to the image folder
+    path: str  # absolute
+
+
+class ImageIndex:
+    """A finished index: ``search(vectors, k)`` and the model check."""
+
+    def __init__(self, path: Path, manifest: dict, files: list[str], index):
+        self.path, self.manifest, self.files, self.index = path, manifest, files, index
+
+    @classmethod
+    def open(cls, path: str | Path) -> "ImageIndex":
+        faiss = _faiss()
+
+        path = Path(path)
+        mf = path / MANIFEST
+        if not mf.is_file():
+            if (path / JOB_FILE).is_file():
+                raise InputError(f"{path}: unfinished index (no {MANIFEST}); rerun `llm2clip index` to finish it")
+            raise InputError(f"{path}: not an image index (no {MANIFEST})")
+        try:
+            manifest = json.loads(mf.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"{mf}: unreadable manifest: {err}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise InputError(f"{mf}: not a {FORMAT} manifest")
+        for key in ("model", "images_dir", "count", "dim", "index"):
+            if key not in manifest:
+                raise InputError(f"{mf}: field '{key}' missing")
+        try:
+            files = (path / FILES_FILE).read_text(encoding="utf-8").split("\n")[:-1]
+        except OSError as err:
+            raise InputError(f"{path / FILES_FILE}: {err}") from None
+        try:
+            index = faiss.read_index(str(path / FAISS_FILE))
+        except RuntimeError as err:
+            raise InputError(f"{path / FAISS_FILE}: unreadable faiss index: {str(err).splitlines()[0]}") from None
+        if len(files) != manifest["count"] or index.ntotal != manifest["count"] or index.d != manifest["dim"]:
+            raise InputError(f"{path}: {FILES_FILE} has {len(files)} lines and {FAISS_FILE} {index.ntotal} vectors "
+                             f"of dim {index.d}; the manifest says {manifest['count']} of dim {manifest['dim']}")
+        if manifest["index"].get("kind") == "hnsw":
+            index.hnsw.efSearch = int(manifest["index"].get("ef_search", 64))
+        return cls(path, manifest, files, index)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def images_dir(self) -> Path:
+        return Path(self.manifest["images_dir"])
+
+    def skipped(self) -> list[tuple[str, str]]:
+        p = self.path / SKIPPED_FILE
+        if not p.is_file():
+            return []
+        return [tuple(ln.split("\t", 1)) for ln in p.read_text(encoding="utf-8").splitlines() if ln]
+
+    def check_model(self, lm) -> None:
+        """Refuse a model other than the one that built the index (naming what differs)."""
+        have = {k: v for k, v in self.manifest["model"].items() if k != "path"}
+        got = lm.identity()
+        diff = _differences(have, got)
+        if diff:
+            raise ConfigError(f"{self.path}: built with another model ({self.manifest['model'].get('path')}); "
+                              f"{lm.path} differs in {', '.join(diff)}. Search with the model that built the index, "
+                              "or build a new index with this one")
+
+    def set_ef_search(self, ef: int) -> None:
+        if self.manifest["index"].get("kind") != "hnsw":
+            raise ConfigError("ef_search applies to HNSW indexes only")
+        self.index.hnsw.efSearch = int(ef)
+
+    def search(self, queries, k: int = 10) -> list[list[Hit]]:
+        """For each query vector (L2-normalised, [Q, E] or [E]), the top ``k`` images by cosine."""
+        if k < 1:
+            raise InputError(f"k must be >= 1, got {k}")
+        q = np.asarray(queries.numpy() if hasattr(queries, "numpy") else queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None]
+        if q.ndim != 2 or q.shape[1] != self.index.d:
+            raise InputError(f"query vectors have shape {q.shape}; this index holds {self.index.d}-d vectors")
+        scores, rows = self.index.search(np.ascontiguousarray(q), min(k, len(self)))
+        out = []
+        for srow, rrow in zip(scores, rows):
+            hits = []
+            for s, r in zip(srow, rrow):
+                if r < 0:  # HNSW may find fewer than k
+                    continue
+                rel = self.files[r]
+                hits.append(Hit(len(hits) + 1, float(s), rel, str(self.images_dir / rel)))
+            out.append(hits)
+        return out
+
+
+def open_model_for(index: ImageIndex, model=None, device: str = "cpu", dtype=None, caption_encoder=None):
+    """The index's own model (or ``model``, which must be the same), with the caption encoder built lazily."""
+    from ..api import LoadedModel, load
+
+    if isinstance(model, LoadedModel):
+        lm = model
+    else:
+        path = model or index.manifest["model"].get("path")
+        if not path or not Path(path).exists():
+            raise ConfigError(f"{index.path}: the model that built this index ({path}) is not there; "
+                              "pass --model with the same model's folder")
+        lm = load(path, device=device, dtype=dtype, caption_encoder=caption_encoder, lazy_text=True)
+    index.check_model(lm)
+    return lm
+
+
+def search_index(index: str | Path | ImageIndex, query: str | None = None, *, image=None, k: int = 10, model=None,
+                 device: str = "cpu", dtype=None, caption_encoder=None, ef_search: int | None = None) -> list[Hit]:
+    """Top ``k`` images for a text query or a query image (a path or PIL image)."""
+    if (query is None) == (image is None):
+        raise InputError("give a text query or --image PATH (one of them)")
+    idx = index if isinstance(index, ImageIndex) else ImageIndex.open(index)
+    if ef_search is not None:
+        idx.set_ef_search(ef_search)
+    lm = open_model_for(idx, model, device, dtype, caption_encoder)
+    q = lm.encode_text([query]) if query is not None else lm.encode_image([image])
+    return idx.search(q, k)[0]
