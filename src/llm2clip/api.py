@@ -13,7 +13,6 @@ the config of the encoder that made the training embeddings) and checked against
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, InputError, Llm2ClipError
+from .hashing import file_sha256
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -39,13 +39,6 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     except KeyError:
         raise ConfigError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}") from None
 
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------ caption encoder

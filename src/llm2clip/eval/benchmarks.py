@@ -52,6 +52,7 @@ import torch
 
 from ..data.jsonl import read_jsonl
 from ..errors import InputError
+from ..hashing import file_sha256 as sha256_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 ON_MISSING = ("error", "skip")
@@ -266,13 +267,6 @@ def encode_benchmark_images(model, bench: Benchmark, *, preprocess: Callable | N
 # ----------------------------------------------------------------------------------------------
 # Helpers shared by the loaders
 
-
-def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _digest_of(items: Sequence[tuple[str, str]]) -> str:

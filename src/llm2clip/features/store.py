@@ -27,6 +27,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..hashing import file_sha256  # noqa: F401  (re-exported)
 
 FORMAT = "llm2clip-feature-store"
 VERSION = 1
@@ -125,13 +126,6 @@ def write_shard(out: Path, k: int, arr: np.ndarray) -> str:
     write_bytes_atomic(out / sidecar_name(k), f"{digest}  {shard_name(k)}\n".encode())
     return digest
 
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def remove_temp_files(out: Path) -> int:

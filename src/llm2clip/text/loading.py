@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from ..assets import cache_dir, resolve_model_alias
 from ..errors import ConfigError
+from ..hashing import file_sha256 as _file_digest
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,6 @@ class LLMSource:
     path: str  # a local directory or a hub id
     origin: str  # what the user named
 
-
-def _file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def convert_gguf(gguf_path: Path, out_root: Path | None = None) -> Path:
