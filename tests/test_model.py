@@ -189,3 +189,24 @@ def test_grad_checkpointing_gives_same_gradients():
     m.set_grad_checkpointing(True)
     g1 = grads()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1))
+
+
+def test_standardized_adapter_z_scores_the_normalised_embedding(tmp_path):
+    torch.manual_seed(0)
+    a = TextAdapter(6, 4, depth=2, standardize=True)
+    train = torch.randn(50, 6) * 5 + torch.tensor([40.0, 0, 0, 0, 0, 0])  # one dominant shared dimension
+    a.fit_standardization(train)
+    n = torch.nn.functional.normalize(train, dim=-1)
+    assert torch.allclose(a.in_mean, n.mean(0)) and torch.allclose(a.in_std, n.std(0))
+    x = torch.randn(3, 6)
+    z = (torch.nn.functional.normalize(x, dim=-1) - n.mean(0)) / n.std(0)
+    plain = TextAdapter(6, 4, depth=2, l2_norm=False)
+    plain.load_state_dict({k: v for k, v in a.state_dict().items() if not k.startswith("in_")})
+    assert torch.allclose(a(x), plain(z), atol=1e-6)
+    # the statistics are part of the saved model
+    cfg = ModelConfig(vision=SMALL, embed_dim=4, text={"kind": "adapter", "depth": 2, "standardize": True})
+    m = LLM2CLIP(cfg, text_dim=6)
+    m.text.fit_standardization(train)
+    m.save(tmp_path / "m")
+    again = LLM2CLIP.load(tmp_path / "m")
+    assert torch.equal(again.text.in_mean, m.text.in_mean) and torch.equal(again.text.in_std, m.text.in_std)

@@ -169,3 +169,20 @@ def test_heldout_scene_retrieval_beats_chance(tmp_path):
                train__steps=150, train__log_every=50)
     ev = fit(cfg, progress=False)["eval"]
     assert ev["dense/t2i_R@5"] > 4 * 5 / 64 and ev["dense/i2t_R@5"] > 4 * 5 / 64
+
+
+def test_standardize_takes_statistics_of_the_training_captions(tmp_path):
+    import numpy as np
+
+    from llm2clip.train.loop import build_features, build_source
+
+    cfg = parse_config(tiny_run_config(tmp_path / "run", model__text={"kind": "adapter", "depth": 1,
+                                                                     "standardize": True}), RunConfig)
+    fit(cfg, progress=False)
+    model = LLM2CLIP.load(tmp_path / "run" / "model")
+    records, _ = build_source(cfg.data.train)
+    feats = build_features(cfg, [records])
+    ids = sorted({c.id for r in records for caps in r.captions.values() for c in caps})
+    x = torch.nn.functional.normalize(torch.from_numpy(np.asarray(feats.get_by_ids(ids), np.float32)), dim=-1)
+    assert torch.allclose(model.text.in_mean, x.mean(0), atol=1e-6)
+    assert torch.allclose(model.text.in_std, x.std(0), atol=1e-6)

@@ -38,6 +38,10 @@ class AdapterConfig(StrictModel):
     expansion: int = Field(2, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
     l2_norm: bool = True
+    standardize: bool = Field(False, description=(
+        "z-score each dimension of the normalised embedding with training-caption statistics (frozen buffers). "
+        "Not in the official recipe: small LLMs' pooled embeddings share one direction (a few huge "
+        "dimensions), which leaves the adapter little signal to start from"))
 
 
 class ClipTextConfig(StrictModel):
@@ -86,9 +90,12 @@ class TextAdapter(nn.Module):
     """Maps a stored LLM caption embedding [B, in_dim] to the shared space [B, out_dim]."""
 
     def __init__(self, in_dim: int, out_dim: int, depth: int = 4, expansion: int = 2, dropout: float = 0.0,
-                 l2_norm: bool = True):
+                 l2_norm: bool = True, standardize: bool = False):
         super().__init__()
-        self.in_dim, self.out_dim, self.l2_norm = in_dim, out_dim, l2_norm
+        self.in_dim, self.out_dim, self.l2_norm, self.standardize = in_dim, out_dim, l2_norm, standardize
+        if standardize:
+            self.register_buffer("in_mean", torch.zeros(in_dim))
+            self.register_buffer("in_std", torch.ones(in_dim))
         self.blocks = nn.ModuleList(_AdapterBlock(in_dim, expansion, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(in_dim)
         self.proj = nn.Linear(in_dim, out_dim)
@@ -99,9 +106,22 @@ class TextAdapter(nn.Module):
         x = x.to(self.proj.weight.dtype)
         if self.l2_norm:  # stored embeddings are raw pooled vectors (METHOD.md 2)
             x = F.normalize(x, dim=-1)
+        if self.standardize:
+            x = (x - self.in_mean) / self.in_std
         for blk in self.blocks:
             x = blk(x)
         return self.proj(self.norm(x))
+
+    @torch.no_grad()
+    def fit_standardization(self, embeddings: torch.Tensor) -> None:
+        """Set the z-score statistics from training-caption embeddings [N, in_dim] (raw, as stored)."""
+        x = embeddings.float()
+        if self.l2_norm:
+            x = F.normalize(x, dim=-1)
+        if x.shape[0] < 2:
+            raise InputError("standardize needs at least 2 training caption embeddings")
+        self.in_mean.copy_(x.mean(0))
+        self.in_std.copy_(x.std(0).clamp_min(1e-6))
 
 
 @lru_cache(maxsize=4)
@@ -173,7 +193,7 @@ class LLM2CLIP(nn.Module):
                 raise ConfigError("model.text.in_dim: unknown; set it or give a feature store")
             if t.in_dim and text_dim and t.in_dim != text_dim:
                 raise ConfigError(f"model.text.in_dim is {t.in_dim} but the caption embeddings have dim {text_dim}")
-            self.text = TextAdapter(dim, cfg.embed_dim, t.depth, t.expansion, t.dropout, t.l2_norm)
+            self.text = TextAdapter(dim, cfg.embed_dim, t.depth, t.expansion, t.dropout, t.l2_norm, t.standardize)
         else:
             self.text = ClipTextTower(t, cfg.embed_dim)
         init = cfg.logit_scale_init

@@ -93,6 +93,16 @@ def first_captions(records, kinds) -> dict[str, list]:
     return out
 
 
+def _training_embeddings(features, records) -> torch.Tensor:
+    """Every training caption's stored embedding (all rows of the store for a streamed source)."""
+    if records:
+        ids = sorted({c.id for r in records for caps in r.captions.values() for c in caps})
+        return torch.from_numpy(np.asarray(features.get_by_ids(ids), np.float32))
+    if hasattr(features, "get_rows"):
+        return torch.from_numpy(np.asarray(features.get_rows(np.arange(len(features))), np.float32))
+    raise ConfigError("model.text.standardize: no training captions to take statistics from")
+
+
 # ------------------------------------------------------------------------------------- helpers
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
@@ -144,6 +154,8 @@ def fit(cfg: RunConfig, resume: str | bool | None = None, stop_at_step: int | No
     identity = dict(features.identity) if features is not None else None
     model = LLM2CLIP(cfg.model, text_dim=features.dim if features is not None else None, text_identity=identity,
                      caption_encoder_config=caption_encoder_record(cfg.data.features, features))
+    if model.uses_adapter and model.text.standardize:
+        model.text.fit_standardization(_training_embeddings(features, train_records))
     if T.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(di.device)
