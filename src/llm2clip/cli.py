@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -11,18 +12,6 @@ from pathlib import Path
 
 from . import __version__
 from .errors import Llm2ClipError
-
-# Settings of the text-encoder comparison that `quickstart` runs until the full pipeline lands.
-QUICKSTART_ENCODERS = [
-    "random",
-    "minilm",
-    "smollm2:bidirectional=false",
-    "smollm2:bidirectional=false,template=tokenizer",
-    "smollm2",
-    "smollm2:template=tokenizer",
-    "smollm2:bidirectional=false,pooling=last_token",
-]
-
 
 def _add_eval_text(sub) -> None:
     p = sub.add_parser(
@@ -66,41 +55,6 @@ def _run_eval_text(args) -> int:
     return 0
 
 
-def _add_quickstart(sub) -> None:
-    p = sub.add_parser(
-        "quickstart",
-        help="run the embedded default job",
-        description=(
-            "The main job on the embedded default. For now: the caption-encoder comparison (CRA of random "
-            "vectors, all-MiniLM-L6-v2 and SmolLM2-135M-Instruct in causal/bidirectional, template, and "
-            "pooling settings) on 200 held-out CuPL classes x 5 descriptions, with and without class-name "
-            "masking. Writes a Markdown report and JSON to --out."
-        ),
-    )
-    p.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="run folder (default runs/quickstart)")
-    p.set_defaults(func=_run_quickstart)
-
-
-def _run_quickstart(args) -> int:
-    from .data.captions import cupl_caption_set
-    from .eval.text_eval import markdown_table, score_encoders
-    from .text.specs import parse_encoder_spec
-
-    encoders = [(s, parse_encoder_spec(s)) for s in QUICKSTART_ENCODERS]
-    sets = [cupl_caption_set("heldout", 200, 5, False), cupl_caption_set("heldout", 200, 5, True)]
-    rows = score_encoders(encoders, sets)
-    table = markdown_table(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    _write_json(args.out / "cra.json", rows)
-    (args.out / "report.md").write_text(
-        "# llm2clip quickstart: caption encoders by CRA\n\n"
-        "Pool: 200 held-out CuPL classes x 5 descriptions; each caption queries the other 999.\n\n" + table + "\n"
-    )
-    print(table)
-    print(f"\nreport: {args.out / 'report.md'}")
-    return 0
-
-
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -108,26 +62,9 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _add_finetune(sub) -> None:
-    from .finetune.cli import add_commands
-
-    add_commands(sub)
-
-
-def _add_features(sub) -> None:
-    from .features.cli import add_commands
-
-    add_commands(sub)
-
-
-def _add_train(sub) -> None:
-    from .train.cli import add_commands
-
-    add_commands(sub)
-
-
-# Each entry adds one subcommand; later stages register theirs here.
-COMMANDS = [_add_quickstart, _add_eval_text, _add_finetune, _add_features, _add_train]
+# Subcommands in --help order: this module's own, and the modules whose add_commands(sub) registers theirs.
+COMMANDS = ["pipeline.cli", "eval.cli", _add_eval_text, "finetune.cli", "features.cli", "data.cli", "train.cli",
+            "search", "convert.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llm2clip {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in COMMANDS:
+    for entry in COMMANDS:
+        add = entry if callable(entry) else importlib.import_module(f"{__package__}.{entry}").add_commands
         add(sub)
     return parser
 

@@ -1,0 +1,139 @@
+"""The config of `llm2clip run`: the whole method, and the text-teacher comparison, from one file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, field_validator
+
+from ..config import StrictModel
+from ..finetune.config import ContrastiveSettings, LoraSettings, OptimSettings
+from ..model import ClipTextConfig, ModelConfig
+from ..text.config import LLMEncoderConfig, TextEncoderConfig
+from ..train.config import LoopConfig, OptimConfig
+
+
+class LLMTeacher(StrictModel):
+    """The run's LLM (`llm`) as caption encoder: as it is, or after stage 1 (`finetuned: true`)."""
+
+    kind: Literal["llm"] = "llm"
+    finetuned: bool = False
+    label: str | None = Field(None, description="row name in the report")
+
+
+class EncoderTeacher(StrictModel):
+    """Any other caption encoder (e.g. all-MiniLM-L6-v2, the non-LLM row)."""
+
+    kind: Literal["encoder"] = "encoder"
+    encoder: TextEncoderConfig
+    label: str | None = None
+
+
+class ClipTeacher(StrictModel):
+    """No teacher: a CLIP text transformer trained jointly from scratch (the vanilla-CLIP row)."""
+
+    kind: Literal["clip"] = "clip"
+    text: ClipTextConfig = Field(default_factory=ClipTextConfig)
+    label: str | None = None
+
+
+Teacher = Annotated[Union[LLMTeacher, EncoderTeacher, ClipTeacher], Field(discriminator="kind")]
+
+
+class Variant(StrictModel):
+    """One stage-2 run: a teacher and the share of dense captions among the training captions."""
+
+    teacher: str
+    dense: float = Field(0.5, ge=0, le=1, description="probability that a sample's caption is the dense one")
+
+    @property
+    def name(self) -> str:
+        return f"{self.teacher}-dense{round(self.dense * 100)}"
+
+
+class ScenesSettings(StrictModel):
+    """The generated scenes (llm2clip.data.scenes): training images and held-out images."""
+
+    train: int = Field(1000, ge=8)
+    val: int = Field(250, ge=4)
+    seed: int = 0
+    val_offset: int = Field(1_000_000, ge=0, description="held-out scenes start here (never trained on)")
+    render_size: int = Field(32, ge=8)
+    min_objects: int = Field(2, ge=1, le=9)
+    max_objects: int = Field(5, ge=1, le=9)
+
+
+class Stage1Settings(StrictModel):
+    """Caption-contrastive LoRA fine-tuning of `llm` (only when a teacher has `finetuned: true`)."""
+
+    cupl_per_class: int | None = Field(4, ge=2, description="descriptions per CuPL training class")
+    scenes: int = Field(500, ge=0, description="training scenes whose short/dense caption pairs join the groups")
+    lora: LoraSettings = Field(default_factory=lambda: LoraSettings(top_layers=2))
+    contrastive: ContrastiveSettings = Field(default_factory=lambda: ContrastiveSettings(batch_size=32))
+    optim: OptimSettings = Field(default_factory=lambda: OptimSettings(steps=60, lr=1e-3, warmup_steps=5))
+
+
+class Stage2Settings(StrictModel):
+    """What every variant shares: the vision tower, the adapter, the loop. `model.text` is the
+    adapter for embedding teachers; the CLIP teacher replaces it with its text transformer."""
+
+    model: ModelConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: LoopConfig = Field(default_factory=LoopConfig)
+
+
+class EvalSettings(StrictModel):
+    cupl_classes: int = Field(100, ge=2, description="CRA on this many held-out CuPL classes")
+    cupl_per_class: int = Field(5, ge=2)
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
+
+
+class PipelineConfig(StrictModel):
+    run_dir: str = Field("runs/run", description="relative to the working directory")
+    seed: int = 0
+    threads: int | None = Field(None, ge=1, description="torch CPU threads of single-process stages")
+    parallel: int = Field(1, ge=1, description="stage-2 variants trained at once, one process each")
+    llm: LLMEncoderConfig
+    embed_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    scenes: ScenesSettings = Field(default_factory=ScenesSettings)
+    stage1: Stage1Settings = Field(default_factory=Stage1Settings)
+    teachers: dict[str, Teacher]
+    variants: list[Variant] = Field(min_length=1)
+    stage2: Stage2Settings
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+
+    @field_validator("teachers")
+    @classmethod
+    def _teacher_names(cls, teachers):
+        for name in teachers:
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"{name!r} must be letters, digits, '-' or '_' (it names folders)")
+        return teachers
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, variants, info):
+        teachers = info.data.get("teachers") or {}
+        for i, v in enumerate(variants):
+            if teachers and v.teacher not in teachers:
+                raise ValueError(f"item {i}: unknown teacher {v.teacher!r} (teachers: {sorted(teachers)})")
+        names = [v.name for v in variants]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"{dup} listed twice")
+        return variants
+
+    def resolve_paths(self, base: Path) -> None:
+        self.llm.resolve_paths(base)
+
+    def teacher_label(self, name: str) -> str:
+        return self.teachers[name].label or name
+
+    @property
+    def needs_stage1(self) -> bool:
+        return any(isinstance(t, LLMTeacher) and t.finetuned for t in self.used_teachers().values())
+
+    def used_teachers(self) -> dict[str, Teacher]:
+        used = {v.teacher for v in self.variants}
+        return {k: t for k, t in self.teachers.items() if k in used}

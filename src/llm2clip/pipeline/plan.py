@@ -1,0 +1,151 @@
+"""From a PipelineConfig to the list of stages, each with its key, inputs and folder; and the run."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from ..config import load_config
+from ..errors import ConfigError
+from ..model import AdapterConfig
+from . import stages as S
+from .config import ClipTeacher, LLMTeacher, PipelineConfig
+from .runner import Runner, Stage
+
+PRESETS = ("quickstart", "smoke")
+
+# Priors for the time-left display (seconds on a quiet 2-core machine); rescaled as stages finish.
+_EST_CAPTION_S = {"llm": 0.02, "sentence": 0.003, "random": 0.0001}
+_EST_STEP_S = 0.35
+
+
+def preset_path(name: str) -> Path:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (and no such config file): presets are {', '.join(PRESETS)}")
+    return Path(str(resources.files("llm2clip") / "configs" / f"{name}.yaml"))
+
+
+def load_pipeline_config(path_or_preset: str | Path) -> PipelineConfig:
+    p = Path(path_or_preset)
+    if not p.suffix and not p.exists():
+        p = preset_path(str(path_or_preset))  # a name: a preset, or an error listing them
+    return load_config(p, PipelineConfig)
+
+
+def _llm_cfg(cfg: PipelineConfig, teacher: LLMTeacher, run_dir: Path) -> dict:
+    base = cfg.llm.model_dump(mode="json")
+    if teacher.finetuned:
+        base["model"] = str((run_dir / "stage1" / "encoder").absolute())
+        base["adapters"] = []
+    return base
+
+
+def build_stages(cfg: PipelineConfig) -> list[Stage]:
+    run_dir = Path(cfg.run_dir)
+    sc = cfg.scenes.model_dump()
+    stages = [Stage("data", {"scenes": sc, "stage1_scenes": cfg.stage1.scenes}, S.make_data,
+                    (str(run_dir / "data"), sc, cfg.stage1.scenes), estimate_s=2)]
+    teachers = cfg.used_teachers()
+    n_captions = 2 * (cfg.scenes.train + cfg.scenes.val)
+
+    if cfg.needs_stage1:
+        st1 = cfg.stage1
+        ft = {
+            "objective": "contrastive",
+            "encoder": cfg.llm.model_dump(mode="json"),
+            "out": str(run_dir / "stage1"),
+            "lora": st1.lora.model_dump(mode="json"),
+            "data": {"cupl_train": True, "cupl_per_class": st1.cupl_per_class,
+                     "groups": [str((run_dir / "data" / "stage1_groups.jsonl").absolute())] if st1.scenes else []},
+            "contrastive": st1.contrastive.model_dump(mode="json"),
+            "optim": st1.optim.model_dump(mode="json"),
+            "eval": {"every": 0, "cupl_classes": cfg.eval.cupl_classes, "per_class": cfg.eval.cupl_per_class},
+            "save_every": max(1, st1.optim.steps // 4),
+            "log_every": 1,
+        }
+        est = 0.01 * (798 * (st1.cupl_per_class or 20) + 6 * st1.scenes) + 1.2 * st1.optim.steps
+        stages.append(Stage("stage1", ft, S.run_stage1, (ft, cfg.threads), deps=["data"], estimate_s=est))
+
+    embed_names = []
+    for name, t in teachers.items():
+        if isinstance(t, ClipTeacher):
+            continue
+        if isinstance(t, LLMTeacher):
+            enc = _llm_cfg(cfg, t, run_dir)
+            kind, deps = "llm", (["data", "stage1"] if t.finetuned else ["data"])
+        else:
+            enc = t.encoder.model_dump(mode="json")
+            kind, deps = enc["kind"], ["data"]
+        ec = {"encoder": enc, "captions": [{"path": str((run_dir / "data" / "captions.jsonl").absolute())}],
+              "out": str((run_dir / "embed" / name).absolute()), "dtype": cfg.embed_dtype, "shard_size": 4096}
+        stages.append(Stage(f"embed/{name}", {"config": ec}, S.run_embed, (ec, cfg.threads), deps=deps,
+                            estimate_s=n_captions * _EST_CAPTION_S.get(kind, 0.01)))
+        embed_names.append(name)
+
+    workers = min(cfg.parallel, len(cfg.variants))
+    for v in cfg.variants:
+        t = teachers[v.teacher]
+        rc = {
+            "run_dir": str(run_dir / "train" / v.name),
+            "seed": cfg.seed,
+            "model": cfg.stage2.model.model_dump(mode="json"),
+            "data": {
+                "train": {"kind": "scenes", "count": cfg.scenes.train, "seed": cfg.scenes.seed, "offset": 0,
+                          "min_objects": cfg.scenes.min_objects, "max_objects": cfg.scenes.max_objects,
+                          "render_size": cfg.scenes.render_size},
+                "val": {"kind": "scenes", "count": cfg.scenes.val, "seed": cfg.scenes.seed,
+                        "offset": cfg.scenes.val_offset, "min_objects": cfg.scenes.min_objects,
+                        "max_objects": cfg.scenes.max_objects, "render_size": cfg.scenes.render_size},
+                "val_max": cfg.scenes.val,
+                "caption_kinds": {"short": round(1 - v.dense, 6), "dense": v.dense},
+            },
+            "optim": cfg.stage2.optim.model_dump(mode="json"),
+            "train": {**cfg.stage2.train.model_dump(mode="json"),
+                      "threads": 1 if workers > 1 else (cfg.stage2.train.threads or cfg.threads)},
+        }
+        if isinstance(t, ClipTeacher):
+            rc["model"]["text"] = t.text.model_dump(mode="json")
+            deps = ["data"]
+        else:
+            if not isinstance(cfg.stage2.model.text, AdapterConfig):
+                raise ConfigError("stage2.model.text must be the adapter (the CLIP teacher sets its own text side)")
+            rc["data"]["features"] = {"store": str((run_dir / "embed" / v.teacher).absolute())}
+            deps = ["data", f"embed/{v.teacher}"]
+        steps = cfg.stage2.train.steps
+        stages.append(Stage(f"train/{v.name}", {"config": rc}, S.run_train, (rc,), deps=deps,
+                            estimate_s=steps * _EST_STEP_S * (2 if isinstance(t, ClipTeacher) else 1) / workers,
+                            pooled=True, progress=S.train_progress(run_dir / "train" / v.name, steps)))
+    stages.append(_eval_stage(cfg, [s.name for s in stages]))
+    return stages
+
+
+def _eval_stage(cfg: PipelineConfig, stage_names: list[str]) -> Stage:
+    run_dir = Path(cfg.run_dir)
+    teachers = {}
+    for name, t in cfg.used_teachers().items():
+        if isinstance(t, ClipTeacher):
+            v = next(v for v in cfg.variants if v.teacher == name)
+            teachers[name] = {"kind": "clip", "model": str(run_dir / "train" / v.name / "model")}
+        else:
+            enc = _llm_cfg(cfg, t, run_dir) if isinstance(t, LLMTeacher) else t.encoder.model_dump(mode="json")
+            teachers[name] = {"kind": "store", "store": str(run_dir / "embed" / name), "encoder": enc}
+    cupl = {"classes": cfg.eval.cupl_classes, "per_class": cfg.eval.cupl_per_class}
+    sc = cfg.scenes.model_dump()
+    deps = [s for s in stage_names if s.startswith(("train/", "embed/"))]
+    key = {"teachers": teachers, "cupl": cupl, "ks": cfg.eval.ks, "scenes": sc}
+    variants = [v.name for v in cfg.variants]
+    return Stage("eval", key, S.run_eval, (str(run_dir), sc, teachers, variants, cupl, cfg.eval.ks, cfg.threads),
+                 deps=deps, estimate_s=5 + 0.02 * cfg.eval.cupl_classes * cfg.eval.cupl_per_class * len(teachers))
+
+
+def run_pipeline(cfg: PipelineConfig, config_source: str = "", out=None) -> dict:
+    """Run (or finish) every stage, then write the report; returns the run manifest."""
+    from .report import write_report
+
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    runner = Runner(Path(cfg.run_dir), build_stages(cfg), cfg.parallel, cfg.model_dump(mode="json"), out=out)
+    manifest = runner.run()
+    return write_report(cfg, manifest, config_source, out=out)

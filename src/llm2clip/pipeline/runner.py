@@ -1,0 +1,198 @@
+"""Stages with files between them, a manifest of what was made from what, and a progress line.
+
+Each stage has a key: the settings it depends on plus the keys of the stages it reads from. The
+run folder's ``manifest.json`` records, per stage, the key it finished with, its wall time and its
+result. A rerun skips a finished stage whose key is unchanged, redoes (after clearing its outputs)
+one whose key changed, and lets an unfinished stage resume from what it left on disk (each stage's
+own checkpoints or shards).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime as _dt
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+MANIFEST = "manifest.json"
+
+
+def stable_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def fmt_duration(s: float) -> str:
+    s = int(round(max(s, 0)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+@dataclass
+class Stage:
+    name: str  # e.g. "embed/smollm2-cc"; also names its folder under the run folder
+    key: dict  # what its output is made from (besides its dependencies' outputs)
+    fn: Callable  # module-level, so that it can run in a worker process
+    args: tuple = ()
+    deps: list[str] = field(default_factory=list)
+    estimate_s: float = 10.0  # a prior for the time-left display, rescaled as stages finish
+    pooled: bool = False  # may run beside other pooled stages, each in its own process
+    progress: Callable[[], tuple[int, int]] | None = None  # (done, total) units of a running pooled stage
+    clear: bool = True  # remove its folder when its key changed
+
+
+class Runner:
+    def __init__(self, run_dir: Path, stages: list[Stage], parallel: int = 1, config: dict | None = None,
+                 out=None):
+        self.run_dir = Path(run_dir)
+        self.stages = stages
+        self.parallel = max(1, parallel)
+        self.out = out
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / MANIFEST
+        self.manifest = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.manifest.setdefault("stages", {})
+        if config is not None:
+            self.manifest["config"] = config
+        self.keys: dict[str, str] = {}
+        # paths inside the run folder enter the keys relative to it, so a moved run folder stays valid
+        here = [str(self.run_dir.absolute()), str(self.run_dir)]
+        for st in stages:
+            missing = [d for d in st.deps if d not in self.keys]
+            if missing:
+                raise ValueError(f"stage {st.name} depends on {missing}, which come later or not at all")
+            key = json.dumps(st.key, sort_keys=True, default=str)
+            for h in here:
+                key = key.replace(h, "$RUN")
+            self.keys[st.name] = stable_hash({"key": key, "deps": {d: self.keys[d] for d in st.deps}})
+        self.t0 = time.perf_counter()
+        self.spent_est = 0.0  # estimates of the stages run so far (for the rescaling)
+        self.spent_real = 0.0
+        self._lock = threading.Lock()
+
+    # --------------------------------------------------------------------------- bookkeeping
+    def record(self, name: str) -> dict | None:
+        return self.manifest["stages"].get(name)
+
+    def result(self, name: str) -> dict:
+        rec = self.record(name)
+        if not rec or rec.get("status") != "done":
+            raise KeyError(f"stage {name} has not finished")
+        return rec.get("result") or {}
+
+    def is_done(self, st: Stage) -> bool:
+        rec = self.record(st.name)
+        return bool(rec and rec.get("status") == "done" and rec.get("key") == self.keys[st.name])
+
+    def _save(self) -> None:
+        with self._lock:
+            write_json_atomic(self.path, self.manifest)
+
+    def _begin(self, st: Stage) -> None:
+        rec = self.record(st.name)
+        if rec and rec.get("key") != self.keys[st.name] and st.clear:
+            shutil.rmtree(self.run_dir / st.name, ignore_errors=True)  # made from other inputs: start over
+        self.manifest["stages"][st.name] = {"key": self.keys[st.name], "inputs": st.key, "status": "running",
+                                            "started": _now()}
+        self._save()
+
+    def _finish(self, st: Stage, result: dict, seconds: float) -> None:
+        self.manifest["stages"][st.name].update(status="done", result=result, seconds=round(seconds, 1),
+                                                finished=_now())
+        self._save()
+        self.spent_est += st.estimate_s
+        self.spent_real += seconds
+
+    def _left(self, pending: list[Stage]) -> float:
+        # the priors are rescaled by how this machine did so far, damped by a minute of prior weight
+        scale = (self.spent_real + 60.0) / (self.spent_est + 60.0)
+        return scale * sum(s.estimate_s for s in pending)
+
+    def _say(self, msg: str) -> None:
+        print(msg, file=self.out, flush=True)
+
+    def _header(self, i: int, n: int, what: str, pending: list[Stage]) -> None:
+        el = time.perf_counter() - self.t0
+        self._say(f"[run {i}/{n}] {what} · elapsed {fmt_duration(el)} · about {fmt_duration(self._left(pending))} left")
+
+    # --------------------------------------------------------------------------------- run
+    def run(self) -> dict:
+        todo = [s for s in self.stages if not self.is_done(s)]
+        cached = [s.name for s in self.stages if self.is_done(s)]
+        if cached:
+            self._say(f"[run] finished before, skipped: {', '.join(cached)}")
+        n = len(self.stages)
+        i = len(cached)
+        while todo:
+            st = todo[0]
+            if st.pooled and self.parallel > 1:
+                group = []
+                while todo and todo[0].pooled:
+                    group.append(todo.pop(0))
+                self._run_pool(group, i, n, todo)
+                i += len(group)
+                continue
+            todo.pop(0)
+            i += 1
+            self._header(i, n, st.name, [st, *todo])
+            self._begin(st)
+            t = time.perf_counter()
+            result = st.fn(*st.args) or {}
+            self._finish(st, result, time.perf_counter() - t)
+        total = time.perf_counter() - self.t0
+        self.manifest["last_run_s"] = round(total, 1)
+        self._save()
+        self._say(f"[run] done in {fmt_duration(total)}")
+        return self.manifest
+
+    def _run_pool(self, group: list[Stage], i: int, n: int, rest: list[Stage]) -> None:
+        """Pooled stages in worker processes; one bar over their progress, read from their files."""
+        from tqdm.auto import tqdm
+
+        names = ", ".join(s.name for s in group)
+        self._header(i + 1, n, f"{len(group)} stages, {self.parallel} at a time: {names}", [*group, *rest])
+        for st in group:
+            self._begin(st)
+        ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch threads
+        with cf.ProcessPoolExecutor(max_workers=self.parallel, mp_context=ctx) as pool:
+            futs = {}
+            for st in group:
+                futs[pool.submit(_timed, st.fn, st.args)] = st
+            total = sum((s.progress() if s.progress else (0, 1))[1] for s in group)
+            bar = tqdm(total=total, unit="step", desc="stage 2", file=self.out, dynamic_ncols=True, mininterval=2)
+            pending = set(futs)
+            while pending:
+                done, pending = cf.wait(pending, timeout=2.0)
+                for f in done:
+                    st = futs[f]
+                    result, seconds = f.result()  # a worker's exception surfaces here
+                    self._finish(st, result, seconds)
+                    bar.write(f"[run] {st.name} done in {fmt_duration(seconds)}")
+                running = [futs[f].name.split("/")[-1] for f in pending if futs[f].progress and
+                           futs[f].progress()[0] > 0]
+                bar.n = sum((s.progress() if s.progress else (0, 1))[0] for s in group)
+                bar.set_postfix_str(", ".join(running)[:60])
+                bar.refresh()
+            bar.close()
+
+
+def _timed(fn, args):
+    t = time.perf_counter()
+    res = fn(*args) or {}
+    return res, time.perf_counter() - t
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,222 @@
+"""The stages of `llm2clip run`, as module-level functions of plain (picklable) arguments.
+
+data       scene captions to embed, and scene caption groups for stage 1
+stage1     caption-contrastive LoRA fine-tuning of the LLM (CuPL training classes + scene pairs)
+embed/T    every scene caption embedded once by teacher T into a feature store
+train/V    stage 2 of variant V (a teacher and a dense-caption share): vision tower + adapter
+eval       CRA per teacher, short / dense retrieval per variant (held-out scenes)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..data.jsonl import read_jsonl
+
+log = logging.getLogger(__name__)
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
+
+
+def _write_jsonl(path: Path, rows) -> int:
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n
+
+
+# ------------------------------------------------------------------------------------- data
+def scene_sets(scenes: dict):
+    from ..data.scenes import SceneSet
+
+    s = scenes
+    common = dict(seed=s["seed"], min_objects=s["min_objects"], max_objects=s["max_objects"],
+                  render_size=s["render_size"])
+    return SceneSet(s["train"], offset=0, **common), SceneSet(s["val"], offset=s["val_offset"], **common)
+
+
+def make_data(out: str, scenes: dict, stage1_scenes: int) -> dict:
+    """captions.jsonl (id, caption) of the train and held-out scenes; stage1_groups.jsonl (the first
+    `stage1_scenes` training scenes' short and dense captions as one group each)."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, val = scene_sets(scenes)
+    rows = [{"id": cid, "caption": text} for ss in (train, val) for cid, text in ss.captions().items()]
+    n_caps = _write_jsonl(out_dir / "captions.jsonl", rows)
+    groups = []
+    for i in range(min(stage1_scenes, len(train))):
+        caps = train[i].captions()
+        groups.append({"group": f"scene-{train[i].key}", "captions": list(caps.values()), "kinds": list(caps)})
+    n_groups = _write_jsonl(out_dir / "stage1_groups.jsonl", groups)
+    words = {k: sum(len(r["caption"].split()) for r in rows if r["id"].endswith(k)) / max(1, len(rows) // 2)
+             for k in ("-short", "-dense")}
+    return {"captions": n_caps, "stage1_groups": n_groups, "mean_words": {k[1:]: round(v, 1) for k, v in words.items()}}
+
+
+# ----------------------------------------------------------------------------------- stage 1
+def run_stage1(finetune_cfg: dict, threads: int | None) -> dict:
+    from ..config import parse_config
+    from ..finetune.config import FinetuneConfig
+    from ..finetune.trainer import Stage1Trainer
+
+    _threads(threads)
+    cfg = parse_config(finetune_cfg, FinetuneConfig, "stage1")
+    summary = Stage1Trainer(cfg).run(resume=True)
+    trunk = None
+    metrics = Path(cfg.out) / "metrics.jsonl"
+    if metrics.is_file():
+        for _, row in read_jsonl(metrics):
+            trunk = row.get("trunk_s", trunk)
+    return {**summary, "trunk_s": trunk, "encoder": str(Path(cfg.out) / "encoder")}
+
+
+# ------------------------------------------------------------------------------------- embed
+def run_embed(embed_cfg: dict, threads: int | None) -> dict:
+    from ..config import parse_config
+    from ..features import FeatureStore
+    from ..features.extract import EmbedConfig, run_embedding
+
+    _threads(threads)
+    cfg = parse_config(embed_cfg, EmbedConfig, "embed")
+    out = run_embedding(cfg, progress=True)
+    store = FeatureStore.open(out)
+    return {"store": str(out), "captions": store.num_ids, "dim": store.dim}
+
+
+# ------------------------------------------------------------------------------------- train
+def run_train(run_cfg: dict) -> dict:
+    from ..config import parse_config
+    from ..train.checkpoint import list_checkpoints
+    from ..train.config import RunConfig
+    from ..train.loop import fit
+
+    logging.basicConfig(level=logging.WARNING)
+    cfg = parse_config(run_cfg, RunConfig, "stage2")
+    _threads(cfg.train.threads)
+    resume = "latest" if list_checkpoints(cfg.run_dir) else None
+    fit(cfg, resume=resume, progress=False)
+    return train_result(Path(cfg.run_dir))
+
+
+def train_result(run_dir: Path) -> dict:
+    """The final held-out retrieval and the mean throughput, from the run's metrics.jsonl."""
+    evals, ips, steps = {}, [], 0
+    for _, row in read_jsonl(run_dir / "metrics.jsonl"):
+        steps = max(steps, row.get("step", 0))
+        if "eval" in row:
+            evals = {"step": row["step"], **row["eval"]}
+        if row.get("images_per_s"):
+            ips.append(row["images_per_s"])
+    ips.sort()
+    return {"steps": steps, "eval": evals, "images_per_s": ips[len(ips) // 2] if ips else None,
+            "model": str(run_dir / "model")}
+
+
+def train_progress(run_dir: Path, total: int):
+    """For the progress bar: (last logged step, total) of a running stage-2 variant."""
+    path = Path(run_dir) / "metrics.jsonl"
+
+    def read() -> tuple[int, int]:
+        step = 0
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, 2)
+                f.seek(max(0, f.tell() - 4096))
+                for line in f.read().decode("utf-8", "replace").splitlines()[1:] or []:
+                    if line.startswith("{"):
+                        try:
+                            step = max(step, int(json.loads(line).get("step", 0)))
+                        except ValueError:
+                            pass
+        except OSError:
+            pass
+        return min(step, total), total
+
+    return read
+
+
+# -------------------------------------------------------------------------------------- eval
+def _cra(emb: torch.Tensor, groups, ks) -> dict:
+    from ..eval.cra import caption_retrieval_accuracy
+
+    return caption_retrieval_accuracy(emb, groups, ks)
+
+
+def dense_to_short(emb: torch.Tensor, ids: list[str], texts: list[str], ks) -> dict:
+    """Scene CRA: each dense caption queries the distinct short captions (many scenes share one, e.g.
+    'three shapes on a navy background'); a hit at K when its own scene's short caption is in the top K."""
+    short = {i: t for i, t in zip(ids, texts) if i.endswith("-short")}
+    dense = [(i, k) for k, i in enumerate(ids) if i.endswith("-dense")]
+    uniq = sorted(set(short.values()))
+    first = {t: next(k for k, i in enumerate(ids) if i.endswith("-short") and texts[k] == t) for t in uniq}
+    cand = torch.nn.functional.normalize(emb[[first[t] for t in uniq]], dim=-1)
+    q = torch.nn.functional.normalize(emb[[k for _, k in dense]], dim=-1)
+    target = torch.tensor([uniq.index(short[i[: -len("-dense")] + "-short"]) for i, _ in dense])
+    sims = q @ cand.T
+    rank = (sims > sims.gather(1, target[:, None])).sum(1)  # strict: ties count for the query
+    out = {f"R@{k}": float((rank < k).float().mean()) for k in ks}
+    out.update(pool_size=len(uniq), queries=len(dense))
+    return out
+
+
+def run_eval(run_dir: str, scenes: dict, teachers: dict, variants: list[str], cupl: dict, ks: list[int],
+             threads: int | None) -> dict:
+    """CRA of every teacher on the held-out scenes (each caption's positive: the other caption of
+    its scene) and on held-out CuPL classes; the retrieval of each variant comes from its training
+    run's final held-out evaluation.
+
+    ``teachers``: name -> {"kind": "store", "store": DIR, "encoder": config dict} or
+    {"kind": "clip", "model": DIR}; ``variants``: names whose train results the run manifest holds.
+    """
+    import numpy as np
+
+    from ..data.captions import cupl_caption_set
+    from ..features import FeatureStore
+    from ..model import LLM2CLIP
+
+    _threads(threads)
+    _, val = scene_sets(scenes)
+    ids, texts = [], []
+    for i in range(len(val)):
+        for kind, text in val[i].captions().items():
+            ids.append(val.caption_id(i, kind))
+            texts.append(text)
+    cs = cupl_caption_set("heldout", cupl["classes"], cupl["per_class"], False)
+    from .runner import MANIFEST
+
+    recorded = json.loads((Path(run_dir) / MANIFEST).read_text())["stages"]
+    out: dict = {"teachers": {}, "variants": {v: recorded[f"train/{v}"]["result"] for v in variants}}
+    for name, t in teachers.items():
+        if t["kind"] == "clip":
+            model = LLM2CLIP.load(t["model"])
+            with torch.no_grad():
+                scene_emb = torch.cat([model.encode_text(texts[s : s + 256]) for s in range(0, len(texts), 256)])
+                cupl_emb = torch.cat([model.encode_text(cs.captions[s : s + 256])
+                                      for s in range(0, len(cs.captions), 256)])
+        else:
+            store = FeatureStore.open(t["store"])
+            scene_emb = torch.from_numpy(np.asarray(store.get_by_ids(ids), np.float32))
+            from ..data.images import build_caption_encoder
+            from ..text.specs import _EncoderFile
+            from ..config import parse_config
+
+            enc = build_caption_encoder(parse_config({"encoder": t["encoder"]}, _EncoderFile, name).encoder)
+            cupl_emb = enc.encode(cs.captions)
+            cupl_emb = cupl_emb if isinstance(cupl_emb, torch.Tensor) else torch.as_tensor(np.asarray(cupl_emb))
+            del enc
+        out["teachers"][name] = {"scenes": dense_to_short(scene_emb.float(), ids, texts, ks),
+                                 "cupl": _cra(cupl_emb.float(), cs.groups, ks)}
+        log.info("CRA %s: scenes R@1 %.3f, CuPL R@1 %.3f", name, out["teachers"][name]["scenes"]["R@1"],
+                 out["teachers"][name]["cupl"]["R@1"])
+    return out

@@ -1,0 +1,192 @@
+"""`llm2clip run` / `quickstart`: the smoke preset end to end, skipping, resuming, redoing, reporting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llm2clip.cli import main
+from llm2clip.errors import ConfigError
+from llm2clip.pipeline import build_stages, load_pipeline_config, preset_path, run_pipeline
+from llm2clip.pipeline import stages as S
+from llm2clip.pipeline.runner import MANIFEST
+
+
+def smoke(run_dir: Path, **over):
+    cfg = load_pipeline_config("smoke")
+    cfg.run_dir = str(run_dir)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pipeline") / "smoke"
+    code = main(["quickstart", "--preset", "smoke", "--run-dir", str(run_dir)])
+    assert code == 0
+    return run_dir
+
+
+def test_smoke_preset_writes_every_stage_and_the_report(smoke_run, capsys):
+    m = json.loads((smoke_run / MANIFEST).read_text())
+    cfg = smoke(smoke_run)
+    names = [s.name for s in build_stages(cfg)]
+    assert list(m["stages"]) == names
+    assert all(m["stages"][n]["status"] == "done" for n in names)
+    assert (smoke_run / "stage1" / "encoder" / "llm2clip_encoder.json").is_file()
+    for t in ("llm-raw", "llm-cc", "random"):
+        assert (smoke_run / "embed" / t / "manifest.json").is_file()
+    rep = smoke_run / "report"
+    md = (rep / "report.md").read_text()
+    res = json.loads((rep / "results.json").read_text())
+    assert len(res["rows"]) == len(cfg.variants) == 6
+    for p in res["plots"]:
+        assert (rep / p).read_bytes()[:4] == b"\x89PNG"
+    assert "teachers.png" in res["plots"] and "dense_ratio_llm-cc.png" in res["plots"]
+    # the table rows are the training runs' own final held-out evaluation
+    for row in res["rows"]:
+        last = [json.loads(x) for x in (smoke_run / "train" / row["variant"] / "metrics.jsonl").read_text().splitlines()
+                if '"eval"' in x][-1]["eval"]
+        assert row["dense_i2t"] == last["dense/i2t_R@1"] and row["short_t2i"] == last["short/t2i_R@1"]
+        assert f"| {row['variant']} |" in md
+    assert torch.__version__.startswith(res["versions"]["torch"])
+    assert "## Timings per stage" in md and "## Config" in md and "## The paper's claims, checked" in md
+    assert {c["claim"][:20] for c in res["claims"]} >= {"the raw LLM is the w", "CC fine-tuning lifts"}
+    # the CC teacher really is another encoder than the raw one
+    raw = json.loads((smoke_run / "embed" / "llm-raw" / "manifest.json").read_text())
+    cc = json.loads((smoke_run / "embed" / "llm-cc" / "manifest.json").read_text())
+    assert raw["identity"]["weight_hash"] != cc["identity"]["weight_hash"]
+
+
+def test_rerun_skips_finished_stages(smoke_run, capsys):
+    before = {p: _lines(p) for p in smoke_run.glob("train/*/metrics.jsonl")}
+    st1 = _lines(smoke_run / "stage1" / "metrics.jsonl")
+    run_pipeline(smoke(smoke_run))
+    out = capsys.readouterr().out
+    assert "finished before, skipped: data, stage1" in out and "[run 1/" not in out
+    assert {p: _lines(p) for p in before} == before and _lines(smoke_run / "stage1" / "metrics.jsonl") == st1
+
+
+def test_changed_stage2_setting_redoes_only_stage2_and_eval(tmp_path, smoke_run, capsys):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke_run, run_dir)
+    cfg = smoke(run_dir)
+    cfg.stage2.train.steps = 4
+    run_pipeline(cfg)
+    out = capsys.readouterr().out
+    assert "skipped: data, stage1, embed/llm-raw, embed/llm-cc, embed/random" in out
+    m = json.loads((run_dir / MANIFEST).read_text())
+    for v in cfg.variants:
+        assert m["stages"][f"train/{v.name}"]["result"]["steps"] == 4
+        # the folder was cleared: a fresh metrics file, not the old one extended
+        steps = [json.loads(x)["step"] for x in (run_dir / "train" / v.name / "metrics.jsonl").read_text().splitlines()]
+        assert steps == sorted(steps)
+
+
+def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "killed"
+    real = S.run_train
+    calls = []
+
+    def crash_on_second(rc):
+        calls.append(rc["run_dir"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user's Ctrl-C in the middle of stage 2
+        return real(rc)
+
+    monkeypatch.setattr(S, "run_train", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(smoke(run_dir))
+    m = json.loads((run_dir / MANIFEST).read_text())
+    first, second = (f"train/{Path(p).name}" for p in calls)
+    assert m["stages"][first]["status"] == "done" and m["stages"][second]["status"] == "running"
+    monkeypatch.setattr(S, "run_train", real)
+    capsys.readouterr()
+    run_pipeline(smoke(run_dir))
+    out = capsys.readouterr().out
+    assert f"skipped: data, stage1, embed/llm-raw, embed/llm-cc, embed/random, {first}" in out
+    m = json.loads((run_dir / MANIFEST).read_text())
+    assert all(s["status"] == "done" for s in m["stages"].values())
+
+
+@pytest.mark.slow
+def test_parallel_workers_give_the_same_results(tmp_path, smoke_run):
+    """Stage-2 variants in 2 spawned processes give exactly what one process gives."""
+    run_dir = tmp_path / "par"
+    res = run_pipeline(smoke(run_dir, parallel=2))
+    one = json.loads((smoke_run / "report" / "results.json").read_text())
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]  # noqa: E731
+    assert strip(res["rows"]) == strip(one["rows"])
+
+
+def test_dense_to_short_against_a_loop():
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    shorts = ["s0", "s1", "s2", "s1", "s0", "s3", "s2", "s2", "s4", "s0", "s1", "s3"]  # shared short captions
+    ids, texts = [], []
+    for i in range(n):
+        ids += [f"k{i}-short", f"k{i}-dense"]
+        texts += [shorts[i], f"dense {i}"]
+    emb = torch.randn(2 * n, 8, generator=g)
+    for i in range(n):  # identical texts share one embedding, as in a store
+        j = shorts.index(shorts[i])
+        emb[2 * i] = emb[2 * j]
+    got = S.dense_to_short(emb, ids, texts, [1, 2])
+    uniq = sorted(set(shorts))
+    cand = {t: torch.nn.functional.normalize(emb[2 * shorts.index(t)], dim=0) for t in uniq}
+    hits1 = hits2 = 0
+    for i in range(n):
+        q = torch.nn.functional.normalize(emb[2 * i + 1], dim=0)
+        order = sorted(uniq, key=lambda t: -float(q @ cand[t]))
+        hits1 += order[0] == shorts[i]
+        hits2 += shorts[i] in order[:2]
+    assert got["pool_size"] == len(uniq) == 5 and got["queries"] == n
+    assert got["R@1"] == pytest.approx(hits1 / n) and got["R@2"] == pytest.approx(hits2 / n)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    good = preset_path("smoke").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.replace("- {teacher: random, dense: 0.5}", "- {teacher: minilm, dense: 0.5}"))
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: variants: .*item 3: unknown teacher 'minilm'"):
+        load_pipeline_config(bad)
+    bad.write_text(good.replace("- {teacher: llm-cc, dense: 0.0}", "- {teacher: llm-cc, dense: 1.5}"))
+    with pytest.raises(ConfigError, match=r"variants\.4\.dense"):
+        load_pipeline_config(bad)
+    bad.write_text(good.replace("- {teacher: llm-cc, dense: 0.0}", "- {teacher: llm-cc, dense: 0.5}"))
+    with pytest.raises(ConfigError, match="listed twice"):
+        load_pipeline_config(bad)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_pipeline_config("fast")
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_eta_is_rescaled_by_finished_stages(tmp_path):
+    from llm2clip.pipeline.runner import Runner, Stage
+
+    st = [Stage("a", {}, dict, estimate_s=100), Stage("b", {}, dict, estimate_s=100)]
+    r = Runner(tmp_path, st)
+    assert r._left(st) == pytest.approx(200)
+    r.spent_est, r.spent_real = 100, 300  # this machine ran 3x slower than the priors
+    assert r._left(st[1:]) == pytest.approx(100 * 360 / 160)
+
+
+def test_quickstart_preset_is_valid_and_plans_the_paper_ablation():
+    cfg = load_pipeline_config("quickstart")
+    names = [s.name for s in build_stages(cfg)]
+    assert names[:2] == ["data", "stage1"] and names[-1] == "eval"
+    assert {"embed/smollm2-raw", "embed/smollm2-cc", "embed/minilm"} <= set(names)
+    assert {v.name for v in cfg.variants} == {"clip-dense50", "smollm2-raw-dense50", "smollm2-cc-dense50",
+                                             "minilm-dense50", "smollm2-cc-dense0", "smollm2-cc-dense100"}
+    assert np.isclose(cfg.variants[0].dense, 0.5)
