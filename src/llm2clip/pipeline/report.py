@@ -237,10 +237,11 @@ def write_report(cfg: PipelineConfig, manifest: dict, config_source: str = "", o
     st1 = manifest["stages"].get("stage1", {}).get("result")
 
     md = [f"# LLM2CLIP run report: {run_dir.name}", ""]
-    md.append(f"Config: `{config_source or 'in memory'}`. Run folder: `{run_dir}`. Stage wall time, summed: "
-              f"**{fmt_duration(sum(s for s in stage_s.values() if s))}** (this invocation: "
-              f"{fmt_duration(manifest.get('last_run_s', 0))}; stages finished in earlier invocations are not "
-              "rerun).")
+    md.append(f"Config: `{config_source or 'in memory'}`. Run folder: `{run_dir}`. Wall time of the last "
+              f"invocation: **{fmt_duration(manifest.get('last_run_s', 0))}** (stages finished by earlier "
+              f"invocations are skipped, not rerun); per-stage times below sum to "
+              f"{fmt_duration(sum(s for s in stage_s.values() if s))} because stage-2 variants run "
+              f"{cfg.parallel} at a time.")
     md += ["", "## Text teachers compared", "",
            f"Every variant trains the same vision tower ({cfg.stage2.model.vision.kind}, "
            f"{cfg.scenes.render_size} px) from scratch on the same {cfg.scenes.train} generated scenes for "
