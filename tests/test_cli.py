@@ -26,6 +26,11 @@ def test_help_of_every_command(capsys):
         assert len(capsys.readouterr().out.splitlines()) > 5
 
 
+def test_every_stage_of_the_method_has_its_command():
+    assert set(subcommands()) == {"run", "quickstart", "eval", "eval-text", "finetune-text", "embed", "features",
+                                  "shards", "train", "index", "search", "convert", "export"}
+
+
 def _captions(tmp_path):
     f = tmp_path / "caps.jsonl"
     rows = [{"group": g, "caption": f"{c} {g}"} for g in ("dog", "cat", "car") for c in ("a photo of a", "one")]
