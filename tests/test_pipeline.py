@@ -190,3 +190,14 @@ def test_quickstart_preset_is_valid_and_plans_the_paper_ablation():
     assert {v.name for v in cfg.variants} == {"clip-dense50", "smollm2-raw-dense50", "smollm2-cc-dense50",
                                              "minilm-dense50", "smollm2-cc-dense0", "smollm2-cc-dense100"}
     assert np.isclose(cfg.variants[0].dense, 0.5)
+
+
+def test_building_the_tiny_llm_leaves_the_global_rng_alone(tmp_path):
+    """The smoke LLM is built lazily, inside stage 1, on a fresh cache: that must not change the run."""
+    from llm2clip.text.tiny import make_tiny_llm
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    make_tiny_llm(tmp_path / "m")
+    assert torch.equal(torch.rand(3), expected)

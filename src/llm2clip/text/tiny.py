@@ -58,9 +58,10 @@ def make_tiny_llm(path: Path, family: str = "llama", seed: int = 0, extra_words=
     """Save a tiny random causal LM with the tiny tokenizer into ``path``."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
     tok = tiny_tokenizer(extra_words=extra_words)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=len(tok), **kw))
+    with torch.random.fork_rng(devices=[]):  # building it (maybe lazily, mid-run) must not move the caller's RNG
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=len(tok), **kw))
     model.save_pretrained(path)
     tok.save_pretrained(path)
     # Keep the word-level tokenizer: without this, AutoTokenizer picks the family's own class.
