@@ -36,6 +36,26 @@ def tiny_run_config(run_dir, **over) -> dict:
     return cfg
 
 
+def run_cfg(run_dir, **over):
+    """A validated tiny RunConfig."""
+    from llm2clip.config import parse_config
+    from llm2clip.train.config import RunConfig
+
+    return parse_config(tiny_run_config(run_dir, **over), RunConfig)
+
+
+def model_weights(run_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def assert_same_tensors(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), (k, float((a[k] - b[k]).abs().max()))
+
+
 def _init(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -8,29 +8,15 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
 
-from llm2clip.config import parse_config
 from llm2clip.data.images import InMemoryFeatures, load_image_file, load_manifest
 from llm2clip.data.shards import ShardStream, expand_shards, index_shard, write_shards
 from llm2clip.errors import ConfigError, InputError
-from llm2clip.train.config import RunConfig
 from llm2clip.train.loop import SimulatedCrash, fit
-from stage2_helpers import fit_worker_resumable, free_port, tiny_run_config, write_scene_manifest
+from stage2_helpers import assert_same_tensors, model_weights, run_cfg, fit_worker_resumable, free_port, tiny_run_config, write_scene_manifest
 
 
-def _cfg(run_dir, **over) -> RunConfig:
-    return parse_config(tiny_run_config(run_dir, **over), RunConfig)
-
-
-def _weights(run_dir):
-    return load_file(str(run_dir / "model" / "model.safetensors"))
-
-
-def _same(a, b, atol=0.0):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), (k, float((a[k] - b[k]).abs().max()))
+_cfg, _weights, _same = run_cfg, model_weights, assert_same_tensors
 
 
 def _losses(run_dir):

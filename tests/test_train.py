@@ -8,7 +8,6 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 from PIL import Image
-from safetensors.torch import load_file
 
 from llm2clip.config import load_config, parse_config
 from llm2clip.errors import ConfigError, InputError
@@ -16,21 +15,10 @@ from llm2clip.model import LLM2CLIP
 from llm2clip.train.cli import add_commands
 from llm2clip.train.config import RunConfig
 from llm2clip.train.loop import SimulatedCrash, fit
-from stage2_helpers import fit_worker, free_port, tiny_run_config
+from stage2_helpers import assert_same_tensors, model_weights, run_cfg, fit_worker, free_port, tiny_run_config
 
 
-def _cfg(run_dir, **over) -> RunConfig:
-    return parse_config(tiny_run_config(run_dir, **over), RunConfig)
-
-
-def _weights(run_dir):
-    return load_file(str(run_dir / "model" / "model.safetensors"))
-
-
-def _same(a, b, atol=0.0):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), k
+_cfg, _weights, _same = run_cfg, model_weights, assert_same_tensors
 
 
 def test_train_command_runs_from_yaml(tmp_path):

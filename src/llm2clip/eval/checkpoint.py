@@ -51,7 +51,7 @@ def parse_caption_encoder_spec(spec):
     YAML file with an ``encoder:`` mapping (any kind the train config accepts), a text-encoder
     preset or saved encoder ('smollm2:pooling=mean', 'minilm', 'runs/s1/encoder'), or a config
     dict / object."""
-    from ..text.specs import parse_encoder_spec
+    from ..text.specs import parse_encoder_spec, parse_overrides
 
     File = _encoder_file_model()
     if isinstance(spec, dict):
@@ -62,14 +62,7 @@ def parse_caption_encoder_spec(spec):
         return load_config(spec, File).encoder
     name, _, rest = spec.partition(":")
     if name == "bow":
-        import yaml
-
-        data = {"kind": "bow"}
-        for item in filter(None, rest.split(",")):
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise ConfigError(f"caption encoder {spec!r}: expected key=value, got {item!r}")
-            data[key.strip()] = yaml.safe_load(value)
+        data = {"kind": "bow", **parse_overrides(spec, rest, "caption encoder")}
         return parse_config({"encoder": data}, File, f"caption encoder {spec!r}").encoder
     return parse_encoder_spec(spec)
 

@@ -44,10 +44,17 @@ def parse_encoder_spec(spec: str):
     return _with_overrides(spec, dict(PRESETS[name]), rest)
 
 
-def _with_overrides(spec: str, data: dict, rest: str):
+def parse_overrides(spec: str, rest: str, what: str = "encoder") -> dict:
+    """'key=value,key=value' (values read as YAML scalars) of a spec like 'preset:key=value,...'."""
+    out = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
-            raise ConfigError(f"encoder {spec!r}: expected key=value, got {item!r}")
-        data[key.strip()] = yaml.safe_load(value)
+            raise ConfigError(f"{what} {spec!r}: expected key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _with_overrides(spec: str, data: dict, rest: str):
+    data.update(parse_overrides(spec, rest))
     return parse_config({"encoder": data}, _EncoderFile, f"encoder {spec!r}").encoder
