@@ -201,3 +201,39 @@ def test_building_the_tiny_llm_leaves_the_global_rng_alone(tmp_path):
     torch.manual_seed(123)
     make_tiny_llm(tmp_path / "m")
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_fashion_mnist_variants_and_zero_shot_column(tmp_path):
+    """With Fashion-MNIST files present, each teacher also trains on them and gets a zero-shot score."""
+    from test_scenes import write_fake_fashion_mnist
+
+    from llm2clip.eval.checkpoint import evaluate_checkpoint
+
+    (tmp_path / "fm").mkdir()
+    write_fake_fashion_mnist(tmp_path / "fm", n=30)
+    cfg = smoke(tmp_path / "run")
+    cfg.variants = cfg.variants[:3]  # clip, raw, cc at 50 %
+    cfg.fashion_mnist = cfg.fashion_mnist.model_copy(update={
+        "enabled": "on", "root": str(tmp_path / "fm"), "train": 24, "test": 20, "per_class": 3, "steps": 2,
+        "teachers": ["clip", "llm-cc"]})
+    res = run_pipeline(cfg)
+    m = json.loads((tmp_path / "run" / MANIFEST).read_text())
+    assert {"train/fmnist-clip", "train/fmnist-llm-cc", "zeroshot"} <= set(m["stages"])
+    zs = res["zeroshot"]
+    assert set(zs) == {"clip", "llm-cc"}
+    direct = evaluate_checkpoint(str(tmp_path / "run" / "train" / "fmnist-llm-cc" / "model"),
+                                 [f"fashion-mnist={tmp_path / 'fm'}"], options={"fashion-mnist": {"count": 20}},
+                                 progress=False)
+    assert zs["llm-cc"]["top1"] == direct["results"][0]["metrics"]["top1"]
+    by = {r["variant"]: r["zeroshot_top1"] for r in res["rows"]}
+    assert by["llm-cc-dense50"] == zs["llm-cc"]["top1"] and by["llm-raw-dense50"] is None
+    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "Fashion-MNIST test photos" in md
+    # the Fashion-MNIST captions went through the same teacher store as the scenes'
+    from llm2clip.features import FeatureStore
+
+    store = FeatureStore.open(tmp_path / "run" / "embed" / "llm-cc")
+    assert store.get_by_ids(["fmnist-sneaker-short"]).shape == (1, store.dim)
+    cfg.fashion_mnist = cfg.fashion_mnist.model_copy(update={"root": str(tmp_path / "nothing")})
+    with pytest.raises(ConfigError, match="no Fashion-MNIST files"):
+        build_stages(cfg)

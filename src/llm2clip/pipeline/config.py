@@ -83,6 +83,24 @@ class Stage2Settings(StrictModel):
     train: LoopConfig = Field(default_factory=LoopConfig)
 
 
+class FashionMnistSettings(StrictModel):
+    """Stage 2 on real photos (Fashion-MNIST, Debian package dataset-fashion-mnist) with class-level captions
+    (CuPL descriptions as dense, a class name as short), then zero-shot classification of its test split."""
+
+    enabled: Literal["auto", "on", "off"] = Field("auto", description="auto: when the Debian files are present")
+    root: str | None = Field(None, description="folder of the idx files (default: the Debian package's)")
+    train: int = Field(3000, ge=10, description="training images (first N of the train split)")
+    test: int = Field(2000, ge=10, description="zero-shot test images (first N of the test split)")
+    per_class: int = Field(20, ge=1, description="CuPL descriptions per class as dense captions")
+    steps: int = Field(150, ge=1)
+    teachers: list[str] | None = Field(None, description="default: every teacher of the variants")
+
+    @field_validator("enabled", mode="before")
+    @classmethod
+    def _yaml_bool(cls, v):
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads off/on as booleans
+
+
 class EvalSettings(StrictModel):
     cupl_classes: int = Field(100, ge=2, description="CRA on this many held-out CuPL classes")
     cupl_per_class: int = Field(5, ge=2)
@@ -101,6 +119,7 @@ class PipelineConfig(StrictModel):
     teachers: dict[str, Teacher]
     variants: list[Variant] = Field(min_length=1)
     stage2: Stage2Settings
+    fashion_mnist: FashionMnistSettings = Field(default_factory=FashionMnistSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
 
     @field_validator("teachers")
@@ -124,8 +143,33 @@ class PipelineConfig(StrictModel):
             raise ValueError(f"{dup} listed twice")
         return variants
 
+    @field_validator("fashion_mnist")
+    @classmethod
+    def _fm_teachers(cls, fm, info):
+        teachers = info.data.get("teachers") or {}
+        for t in fm.teachers or []:
+            if teachers and t not in teachers:
+                raise ValueError(f"teachers: unknown teacher {t!r} (teachers: {sorted(teachers)})")
+        return fm
+
+    def fashion_mnist_teachers(self) -> list[str]:
+        """The teachers trained on Fashion-MNIST in this run (none when it is off or absent)."""
+        from ..data import fashion_mnist as fm
+
+        s = self.fashion_mnist
+        root = s.root or fm.DEFAULT_DIR
+        if s.enabled == "off" or (s.enabled == "auto" and not fm.available(root)):
+            return []
+        if not fm.available(root):
+            raise ValueError(f"fashion_mnist.enabled is on but {root} has no Fashion-MNIST files "
+                             "(apt-get install dataset-fashion-mnist)")
+        used = list(dict.fromkeys(v.teacher for v in self.variants))
+        return [t for t in used if t in (s.teachers or used)]
+
     def resolve_paths(self, base: Path) -> None:
         self.llm.resolve_paths(base)
+        if self.fashion_mnist.root and not Path(self.fashion_mnist.root).is_absolute():
+            self.fashion_mnist.root = str(base / self.fashion_mnist.root)
 
     def teacher_label(self, name: str) -> str:
         return self.teachers[name].label or name

@@ -43,8 +43,13 @@ def _llm_cfg(cfg: PipelineConfig, teacher: LLMTeacher, run_dir: Path) -> dict:
 def build_stages(cfg: PipelineConfig) -> list[Stage]:
     run_dir = Path(cfg.run_dir)
     sc = cfg.scenes.model_dump()
-    stages = [Stage("data", {"scenes": sc, "stage1_scenes": cfg.stage1.scenes}, S.make_data,
-                    (str(run_dir / "data"), sc, cfg.stage1.scenes), estimate_s=2)]
+    try:
+        fm_teachers = cfg.fashion_mnist_teachers()
+    except ValueError as err:
+        raise ConfigError(f"fashion_mnist: {err}") from None
+    fm_per_class = cfg.fashion_mnist.per_class if fm_teachers else None
+    stages = [Stage("data", {"scenes": sc, "stage1_scenes": cfg.stage1.scenes, "fashion_mnist": fm_per_class},
+                    S.make_data, (str(run_dir / "data"), sc, cfg.stage1.scenes, fm_per_class), estimate_s=2)]
     teachers = cfg.used_teachers()
     n_captions = 2 * (cfg.scenes.train + cfg.scenes.val)
 
@@ -82,41 +87,47 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
                             estimate_s=n_captions * _EST_CAPTION_S.get(kind, 0.01)))
         embed_names.append(name)
 
-    workers = min(cfg.parallel, len(cfg.variants))
+    workers = min(cfg.parallel, len(cfg.variants) + len(fm_teachers))
+    scene_kw = {"seed": cfg.scenes.seed, "min_objects": cfg.scenes.min_objects,
+                "max_objects": cfg.scenes.max_objects, "render_size": cfg.scenes.render_size}
     for v in cfg.variants:
-        t = teachers[v.teacher]
-        rc = {
-            "run_dir": str(run_dir / "train" / v.name),
-            "seed": cfg.seed,
-            "model": cfg.stage2.model.model_dump(mode="json"),
-            "data": {
-                "train": {"kind": "scenes", "count": cfg.scenes.train, "seed": cfg.scenes.seed, "offset": 0,
-                          "min_objects": cfg.scenes.min_objects, "max_objects": cfg.scenes.max_objects,
-                          "render_size": cfg.scenes.render_size},
-                "val": {"kind": "scenes", "count": cfg.scenes.val, "seed": cfg.scenes.seed,
-                        "offset": cfg.scenes.val_offset, "min_objects": cfg.scenes.min_objects,
-                        "max_objects": cfg.scenes.max_objects, "render_size": cfg.scenes.render_size},
-                "val_max": cfg.scenes.val,
-                "caption_kinds": {"short": round(1 - v.dense, 6), "dense": v.dense},
-            },
-            "optim": cfg.stage2.optim.model_dump(mode="json"),
-            "train": {**cfg.stage2.train.model_dump(mode="json"),
-                      "threads": 1 if workers > 1 else (cfg.stage2.train.threads or cfg.threads)},
-        }
-        if isinstance(t, ClipTeacher):
-            rc["model"]["text"] = t.text.model_dump(mode="json")
-            deps = ["data"]
-        else:
-            if not isinstance(cfg.stage2.model.text, AdapterConfig):
-                raise ConfigError("stage2.model.text must be the adapter (the CLIP teacher sets its own text side)")
-            rc["data"]["features"] = {"store": str((run_dir / "embed" / v.teacher).absolute())}
-            deps = ["data", f"embed/{v.teacher}"]
-        steps = cfg.stage2.train.steps
-        stages.append(Stage(f"train/{v.name}", {"config": rc}, S.run_train, (rc,), deps=deps,
-                            estimate_s=steps * _EST_STEP_S * (2 if isinstance(t, ClipTeacher) else 1) / workers,
-                            pooled=True, progress=S.train_progress(run_dir / "train" / v.name, steps)))
+        data = {"train": {"kind": "scenes", "count": cfg.scenes.train, "offset": 0, **scene_kw},
+                "val": {"kind": "scenes", "count": cfg.scenes.val, "offset": cfg.scenes.val_offset, **scene_kw},
+                "val_max": cfg.scenes.val, "caption_kinds": {"short": round(1 - v.dense, 6), "dense": v.dense}}
+        stages.append(_train_stage(cfg, v.name, v.teacher, data, cfg.stage2.train.steps, workers))
+    fm = cfg.fashion_mnist
+    for t in fm_teachers:  # the same text sides on real photos, for zero-shot classification
+        data = {"train": {"kind": "fashion_mnist", "split": "train", "count": fm.train, "per_class": fm.per_class,
+                          "root": fm.root},
+                "caption_kinds": {"short": 0.5, "dense": 0.5}}
+        stages.append(_train_stage(cfg, f"fmnist-{t}", t, data, fm.steps, workers))
+    if fm_teachers:
+        models = {t: str(run_dir / "train" / f"fmnist-{t}" / "model") for t in fm_teachers}
+        stages.append(Stage("zeroshot", {"models": models, "test": fm.test, "root": fm.root}, S.run_zeroshot,
+                            (models, fm.test, fm.root, cfg.threads), deps=[f"train/fmnist-{t}" for t in fm_teachers],
+                            estimate_s=5 * len(fm_teachers)))
     stages.append(_eval_stage(cfg, [s.name for s in stages]))
     return stages
+
+
+def _train_stage(cfg: PipelineConfig, name: str, teacher: str, data: dict, steps: int, workers: int) -> Stage:
+    run_dir = Path(cfg.run_dir)
+    t = cfg.teachers[teacher]
+    rc = {"run_dir": str(run_dir / "train" / name), "seed": cfg.seed, "model": cfg.stage2.model.model_dump(mode="json"),
+          "data": data, "optim": cfg.stage2.optim.model_dump(mode="json"),
+          "train": {**cfg.stage2.train.model_dump(mode="json"), "steps": steps,
+                    "threads": 1 if workers > 1 else (cfg.stage2.train.threads or cfg.threads)}}
+    if isinstance(t, ClipTeacher):
+        rc["model"]["text"] = t.text.model_dump(mode="json")
+        deps = ["data"]
+    else:
+        if not isinstance(cfg.stage2.model.text, AdapterConfig):
+            raise ConfigError("stage2.model.text must be the adapter (the CLIP teacher sets its own text side)")
+        rc["data"]["features"] = {"store": str((run_dir / "embed" / teacher).absolute())}
+        deps = ["data", f"embed/{teacher}"]
+    return Stage(f"train/{name}", {"config": rc}, S.run_train, (rc,), deps=deps,
+                 estimate_s=steps * _EST_STEP_S * (2 if isinstance(t, ClipTeacher) else 1) / workers,
+                 pooled=True, progress=S.train_progress(run_dir / "train" / name, steps))
 
 
 def _eval_stage(cfg: PipelineConfig, stage_names: list[str]) -> Stage:
@@ -131,7 +142,7 @@ def _eval_stage(cfg: PipelineConfig, stage_names: list[str]) -> Stage:
             teachers[name] = {"kind": "store", "store": str(run_dir / "embed" / name), "encoder": enc}
     cupl = {"classes": cfg.eval.cupl_classes, "per_class": cfg.eval.cupl_per_class}
     sc = cfg.scenes.model_dump()
-    deps = [s for s in stage_names if s.startswith(("train/", "embed/"))]
+    deps = [s for s in stage_names if s.startswith(("train/", "embed/")) and not s.startswith("train/fmnist-")]
     key = {"teachers": teachers, "cupl": cupl, "ks": cfg.eval.ks, "scenes": sc}
     variants = [v.name for v in cfg.variants]
     return Stage("eval", key, S.run_eval, (str(run_dir), sc, teachers, variants, cupl, cfg.eval.ks, cfg.threads),

@@ -46,22 +46,31 @@ def scene_sets(scenes: dict):
     return SceneSet(s["train"], offset=0, **common), SceneSet(s["val"], offset=s["val_offset"], **common)
 
 
-def make_data(out: str, scenes: dict, stage1_scenes: int) -> dict:
-    """captions.jsonl (id, caption) of the train and held-out scenes; stage1_groups.jsonl (the first
-    `stage1_scenes` training scenes' short and dense captions as one group each)."""
+def make_data(out: str, scenes: dict, stage1_scenes: int, fmnist_per_class: int | None = None) -> dict:
+    """captions.jsonl (id, caption) of the train and held-out scenes, and of the Fashion-MNIST classes
+    when given; stage1_groups.jsonl (the first `stage1_scenes` training scenes' short and dense captions
+    as one group each)."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     train, val = scene_sets(scenes)
     rows = [{"id": cid, "caption": text} for ss in (train, val) for cid, text in ss.captions().items()]
+    n_scene_rows = len(rows)
+    if fmnist_per_class:
+        from ..data.fashion_mnist import class_captions
+
+        rows += [{"id": cid, "caption": text} for kinds in class_captions(fmnist_per_class).values()
+                 for caps in kinds.values() for cid, text in caps]
     n_caps = _write_jsonl(out_dir / "captions.jsonl", rows)
     groups = []
     for i in range(min(stage1_scenes, len(train))):
         caps = train[i].captions()
         groups.append({"group": f"scene-{train[i].key}", "captions": list(caps.values()), "kinds": list(caps)})
     n_groups = _write_jsonl(out_dir / "stage1_groups.jsonl", groups)
-    words = {k: sum(len(r["caption"].split()) for r in rows if r["id"].endswith(k)) / max(1, len(rows) // 2)
+    scene = rows[:n_scene_rows]
+    words = {k: sum(len(r["caption"].split()) for r in scene if r["id"].endswith(k)) / max(1, len(scene) // 2)
              for k in ("-short", "-dense")}
-    return {"captions": n_caps, "stage1_groups": n_groups, "mean_words": {k[1:]: round(v, 1) for k, v in words.items()}}
+    return {"captions": n_caps, "fashion_mnist_captions": n_caps - n_scene_rows, "stage1_groups": n_groups,
+            "mean_words": {k[1:]: round(v, 1) for k, v in words.items()}}
 
 
 # ----------------------------------------------------------------------------------- stage 1
@@ -144,6 +153,23 @@ def train_progress(run_dir: Path, total: int):
         return min(step, total), total
 
     return read
+
+
+def run_zeroshot(models: dict, test: int, root: str | None, threads: int | None) -> dict:
+    """Zero-shot top-1 / top-5 on the Fashion-MNIST test split, through each model's own text path
+    (class descriptions and templates; llm2clip.eval's built-in 'fashion-mnist' set)."""
+    from ..eval.checkpoint import evaluate_checkpoint
+
+    _threads(threads)
+    out = {}
+    for teacher, model_dir in models.items():
+        bench = f"fashion-mnist={root}" if root else "fashion-mnist"
+        run = evaluate_checkpoint(model_dir, [bench], options={"fashion-mnist": {"count": test}},
+                                  device="cpu", progress=False)
+        m = run["results"][0]["metrics"]
+        out[teacher] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+        log.info("zero-shot %s: top-1 %.3f", teacher, m.get("top1", float("nan")))
+    return out
 
 
 # -------------------------------------------------------------------------------------- eval
