@@ -107,6 +107,12 @@ class EvalSettings(StrictModel):
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
 
 
+def _known_teacher(name: str, info, where: str) -> None:
+    teachers = info.data.get("teachers")  # absent when the teachers themselves failed to validate
+    if teachers and name not in teachers:
+        raise ValueError(f"{where}unknown teacher {name!r} (teachers: {sorted(teachers)})")
+
+
 class PipelineConfig(StrictModel):
     run_dir: str = Field("runs/run", description="relative to the working directory")
     seed: int = 0
@@ -133,10 +139,8 @@ class PipelineConfig(StrictModel):
     @field_validator("variants")
     @classmethod
     def _variants(cls, variants, info):
-        teachers = info.data.get("teachers") or {}
         for i, v in enumerate(variants):
-            if teachers and v.teacher not in teachers:
-                raise ValueError(f"item {i}: unknown teacher {v.teacher!r} (teachers: {sorted(teachers)})")
+            _known_teacher(v.teacher, info, f"item {i}: ")
         names = [v.name for v in variants]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -146,10 +150,8 @@ class PipelineConfig(StrictModel):
     @field_validator("fashion_mnist")
     @classmethod
     def _fm_teachers(cls, fm, info):
-        teachers = info.data.get("teachers") or {}
         for t in fm.teachers or []:
-            if teachers and t not in teachers:
-                raise ValueError(f"teachers: unknown teacher {t!r} (teachers: {sorted(teachers)})")
+            _known_teacher(t, info, "teachers: ")
         return fm
 
     def fashion_mnist_teachers(self) -> list[str]:

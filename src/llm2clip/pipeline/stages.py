@@ -173,22 +173,20 @@ def run_zeroshot(models: dict, test: int, root: str | None, threads: int | None)
 
 
 # -------------------------------------------------------------------------------------- eval
-def _cra(emb: torch.Tensor, groups, ks) -> dict:
-    from ..eval.cra import caption_retrieval_accuracy
-
-    return caption_retrieval_accuracy(emb, groups, ks)
-
-
 def dense_to_short(emb: torch.Tensor, ids: list[str], texts: list[str], ks) -> dict:
     """Scene CRA: each dense caption queries the distinct short captions (many scenes share one, e.g.
     'three shapes on a navy background'); a hit at K when its own scene's short caption is in the top K."""
-    short = {i: t for i, t in zip(ids, texts) if i.endswith("-short")}
+    short, first = {}, {}  # id -> text; text -> its first row
+    for k, (i, t) in enumerate(zip(ids, texts)):
+        if i.endswith("-short"):
+            short[i] = t
+            first.setdefault(t, k)
     dense = [(i, k) for k, i in enumerate(ids) if i.endswith("-dense")]
-    uniq = sorted(set(short.values()))
-    first = {t: next(k for k, i in enumerate(ids) if i.endswith("-short") and texts[k] == t) for t in uniq}
+    uniq = sorted(first)
+    pos = {t: j for j, t in enumerate(uniq)}
     cand = torch.nn.functional.normalize(emb[[first[t] for t in uniq]], dim=-1)
     q = torch.nn.functional.normalize(emb[[k for _, k in dense]], dim=-1)
-    target = torch.tensor([uniq.index(short[i[: -len("-dense")] + "-short"]) for i, _ in dense])
+    target = torch.tensor([pos[short[i[: -len("-dense")] + "-short"]] for i, _ in dense])
     sims = q @ cand.T
     rank = (sims > sims.gather(1, target[:, None])).sum(1)  # strict: ties count for the query
     out = {f"R@{k}": float((rank < k).float().mean()) for k in ks}
@@ -208,6 +206,9 @@ def run_eval(run_dir: str, scenes: dict, teachers: dict, variants: list[str], cu
     import numpy as np
 
     from ..data.captions import cupl_caption_set
+    from ..data.images import build_caption_encoder
+    from ..eval.checkpoint import parse_caption_encoder_spec
+    from ..eval.cra import caption_retrieval_accuracy
     from ..features import FeatureStore
     from ..model import LLM2CLIP
 
@@ -226,23 +227,20 @@ def run_eval(run_dir: str, scenes: dict, teachers: dict, variants: list[str], cu
     for name, t in teachers.items():
         if t["kind"] == "clip":
             model = LLM2CLIP.load(t["model"])
-            with torch.no_grad():
-                scene_emb = torch.cat([model.encode_text(texts[s : s + 256]) for s in range(0, len(texts), 256)])
-                cupl_emb = torch.cat([model.encode_text(cs.captions[s : s + 256])
-                                      for s in range(0, len(cs.captions), 256)])
-        else:
+
+            def encode(caps):
+                with torch.no_grad():
+                    return torch.cat([model.encode_text(caps[s : s + 256]) for s in range(0, len(caps), 256)])
+
+            scene_emb, cupl_emb = encode(texts), encode(cs.captions)
+        else:  # scene captions from the teacher's store; CuPL through the teacher itself
             store = FeatureStore.open(t["store"])
             scene_emb = torch.from_numpy(np.asarray(store.get_by_ids(ids), np.float32))
-            from ..data.images import build_caption_encoder
-            from ..text.specs import _EncoderFile
-            from ..config import parse_config
-
-            enc = build_caption_encoder(parse_config({"encoder": t["encoder"]}, _EncoderFile, name).encoder)
-            cupl_emb = enc.encode(cs.captions)
-            cupl_emb = cupl_emb if isinstance(cupl_emb, torch.Tensor) else torch.as_tensor(np.asarray(cupl_emb))
+            enc = build_caption_encoder(parse_caption_encoder_spec(t["encoder"]))
+            cupl_emb = torch.as_tensor(np.asarray(enc.encode(cs.captions), np.float32))
             del enc
         out["teachers"][name] = {"scenes": dense_to_short(scene_emb.float(), ids, texts, ks),
-                                 "cupl": _cra(cupl_emb.float(), cs.groups, ks)}
+                                 "cupl": caption_retrieval_accuracy(cupl_emb.float(), cs.groups, ks)}
         log.info("CRA %s: scenes R@1 %.3f, CuPL R@1 %.3f", name, out["teachers"][name]["scenes"]["R@1"],
                  out["teachers"][name]["cupl"]["R@1"])
     return out
