@@ -60,6 +60,33 @@ def caption_retrieval_accuracy(
     return out
 
 
+def paired_caption_retrieval(
+    queries: torch.Tensor,
+    positives: torch.Tensor,
+    positive_texts: Sequence[str],
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict:
+    """CRA across caption kinds (e.g. dense -> short): query i's positive is caption i of
+    ``positives``; the pool is the *distinct* positive texts (identical captions of several images
+    are one candidate), so a query hits at K when its own positive text is among its top K.
+    Ties count for the query (strictly higher scores rank above it)."""
+    if queries.shape[0] != positives.shape[0] or len(positive_texts) != queries.shape[0]:
+        raise InputError(f"{queries.shape[0]} queries, {positives.shape[0]} positives, {len(positive_texts)} texts")
+    first: dict[str, int] = {}
+    for i, t in enumerate(positive_texts):
+        first.setdefault(t, i)
+    uniq = sorted(first)
+    col = {t: j for j, t in enumerate(uniq)}
+    cand = torch.nn.functional.normalize(positives.float()[[first[t] for t in uniq]], dim=-1)
+    q = torch.nn.functional.normalize(queries.float(), dim=-1)
+    target = torch.tensor([col[t] for t in positive_texts])
+    sims = q @ cand.T
+    rank = (sims > sims.gather(1, target[:, None])).sum(1)
+    out = {f"R@{k}": float((rank < k).float().mean()) for k in ks}
+    out.update(pool_size=len(uniq), queries=int(q.shape[0]))
+    return out
+
+
 def evaluate_cra(model, benchmark, ks: Sequence[int] = (1, 5, 10), batch_size: int = 256,
                  progress: bool | None = None) -> dict:
     """CRA of a caption benchmark (task "cra") through ``model``'s own text path; the result dict the

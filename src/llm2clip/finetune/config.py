@@ -38,6 +38,9 @@ class DataSettings(StrictModel):
 class ContrastiveSettings(StrictModel):
     batch_size: int = Field(64, ge=2, description="pairs per step, over all processes")
     chunk_size: int | None = Field(None, ge=1, description="gradient caching: sequences per forward (None: all at once)")
+    bucket_ratio: float | None = Field(1.25, ge=1, description=(
+        "one forward per length bucket (longest at most this times the shortest), so short captions "
+        "are not padded to the dense ones' length (None: one padded forward)"))
     scale: float = Field(50.0, gt=0, description="logit scale (1 / temperature)")
     hard_negatives: bool = True
     mask_same_group: bool = True
@@ -67,9 +70,18 @@ class OptimSettings(StrictModel):
 
 class EvalSettings(StrictModel):
     every: int = Field(0, ge=0, description="CRA every N steps (0: only at the end)")
+    final: bool = Field(True, description="CRA at the end (a caller that evaluates the encoder itself can skip it)")
     cupl_classes: int = Field(200, ge=2)
     per_class: int = Field(5, ge=2)
     mask_class_names: bool = False
+    groups: list[str] = Field(default_factory=list, description=(
+        "JSONL caption groups of held-out images with kinds: each group's first `query_kind` caption "
+        "queries the distinct `doc_kind` captions (e.g. dense -> short)"))
+    query_kind: str = "dense"
+    doc_kind: str = "short"
+
+    def resolve_paths(self, base: Path) -> None:
+        self.groups = [str(base / p) if not Path(p).is_absolute() else p for p in self.groups]
 
 
 class FinetuneConfig(StrictModel):

@@ -98,6 +98,35 @@ def distributed_contrastive_loss(q_local, docs_local, pos_local, qg_local, dg_lo
     return loss
 
 
+def length_buckets(lengths: Sequence[int], ratio: float | None = 1.25, max_size: int | None = None) -> list[list[int]]:
+    """Indices of ``lengths`` (sorted ascending) cut into forwards whose longest sequence is at most
+    ``ratio`` times their shortest, and of at most ``max_size`` sequences: a batch that mixes 25-token
+    and 190-token captions is otherwise padded, and computed, at 190 tokens throughout."""
+    out: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if i and lengths[i - 1] > n:
+            raise ValueError("length_buckets: lengths must be sorted ascending")
+        cur = out[-1] if out else None
+        if cur is None or (ratio and n > ratio * lengths[cur[0]]) or (max_size and len(cur) >= max_size):
+            out.append([i])
+        else:
+            cur.append(i)
+    return out
+
+
+def bucketed_backward(
+    embed: Callable[[Sequence], torch.Tensor],
+    chunks: Sequence,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Backpropagate ``loss_fn(embed(all inputs))`` with one forward per chunk, every graph kept:
+    exact, no recomputation, memory for the whole batch (``grad_cached_backward`` trades a second
+    forward for memory)."""
+    loss = loss_fn(torch.cat([embed(c) for c in chunks]))
+    loss.backward()
+    return loss.detach()
+
+
 def grad_cached_backward(
     embed: Callable[[Sequence], torch.Tensor],
     chunks: Sequence,

@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from ..data.captions import cupl_caption_set
 from ..errors import ConfigError
-from ..eval.cra import caption_retrieval_accuracy
+from ..eval.cra import caption_retrieval_accuracy, paired_caption_retrieval
 from ..text.encoder import ENCODER_MANIFEST, CaptionEncoder
 from .config import FinetuneConfig
-from .contrastive import distributed_contrastive_loss, grad_cached_backward, world
+from .contrastive import bucketed_backward, distributed_contrastive_loss, grad_cached_backward, length_buckets, world
 from .data import CaptionGroup, GroupedCaptions, PairSampler, cupl_train_groups, load_groups_jsonl, load_text_corpus, merge_groups
 from .lora import TrunkCache, add_lora
 from .mntp import mask_id_and_blocks, mask_tokens, mntp_evaluate, mntp_loss, special_mask
@@ -126,6 +126,20 @@ class Stage1Trainer:
                 raise ConfigError("mntp: the text gives no training block; add text or lower mntp.block_size")
         e = c.eval
         self.eval_set = cupl_caption_set("heldout", e.cupl_classes, e.per_class, e.mask_class_names)
+        self.eval_pairs = {}  # held-out group file -> (query captions, positive captions)
+        for path in e.groups:
+            pairs = [(g.captions[g.kinds.index(e.query_kind)], g.captions[g.kinds.index(e.doc_kind)])
+                     for g in load_groups_jsonl(path).groups if g.kinds and {e.query_kind, e.doc_kind} <= set(g.kinds)]
+            if not pairs:
+                raise ConfigError(f"eval.groups: {path} has no group with both a {e.query_kind!r} and a "
+                                  f"{e.doc_kind!r} caption")
+            name = Path(path).stem
+            if name in self.eval_pairs:
+                raise ConfigError(f"eval.groups: two files named {name}.jsonl (their metrics would share a name)")
+            self.eval_pairs[name] = ([q for q, _ in pairs], [p for _, p in pairs])
+
+    def eval_captions(self) -> list[str]:
+        return [*self.eval_set.captions, *(c for q, p in self.eval_pairs.values() for c in (*q, *p))]
 
     def autocast(self):
         if self.cfg.optim.precision != "bf16":
@@ -152,8 +166,8 @@ class Stage1Trainer:
         order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
-        size = c.chunk_size or len(items)
-        chunks = [[items[i] for i in order[s : s + size]] for s in range(0, len(order), size)]
+        buckets = length_buckets([len(items[i].ids) for i in order], c.bucket_ratio, c.chunk_size)
+        chunks = [[items[order[j]] for j in b] for b in buckets]
 
         def loss_fn(emb_sorted):
             emb = emb_sorted[inverse]
@@ -161,8 +175,9 @@ class Stage1Trainer:
                 emb[:B], emb[B:], torch.arange(B), groups, doc_groups, scale=c.scale,
                 mask_same_group=c.mask_same_group, symmetric=c.symmetric)
 
-        loss = grad_cached_backward(self.embed_items, chunks, loss_fn)
-        return {"loss": loss.item()}
+        backward = grad_cached_backward if c.chunk_size else bucketed_backward
+        loss = backward(self.embed_items, chunks, loss_fn)
+        return {"loss": loss.item(), "tokens": sum(len(t.ids) for t in items)}
 
     def mntp_step(self) -> dict:
         m = self.cfg.mntp
@@ -185,7 +200,7 @@ class Stage1Trainer:
             loss, info = mntp_loss(self.encoder.lm, inputs.to(dev), labels.to(dev), tm.to(dev),
                                    self.cfg.encoder.bidirectional)
         loss.backward()
-        return {"loss": loss.item(), "masked_accuracy": info["masked_accuracy"]}
+        return {"loss": loss.item(), "masked_accuracy": info["masked_accuracy"], "tokens": int(tm.sum())}
 
     def _sync_grads(self) -> None:
         if self.world == 1:
@@ -201,10 +216,10 @@ class Stage1Trainer:
         self.opt.zero_grad(set_to_none=True)
         info = self.contrastive_step() if self.cfg.objective == "contrastive" else self.mntp_step()
         self._sync_grads()
-        if self.world > 1:  # log the global-batch loss, not this rank's share
-            t = torch.tensor([info["loss"]], dtype=torch.float64)
+        if self.world > 1:  # log the global-batch loss and token count, not this rank's share
+            t = torch.tensor([info["loss"], info["tokens"]], dtype=torch.float64)
             dist.all_reduce(t)
-            info["loss"] = t.item() / self.world
+            info["loss"], info["tokens"] = t[0].item() / self.world, int(t[1].item())
         if self.cfg.optim.grad_clip:
             info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip))
         self.opt.step()
@@ -222,14 +237,20 @@ class Stage1Trainer:
                 if self.eval_blocks else {}
         else:
             res = {}
-        items = self.encoder.tokenize(self.eval_set.captions)
+        items = self.encoder.tokenize(self.eval_captions())
         order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
         emb = torch.empty(len(items), self.encoder.dim)
         for s in range(0, len(order), 64):
             idx = order[s : s + 64]
             emb[idx] = self.embed_items([items[i] for i in idx]).float().cpu()
-        cra = caption_retrieval_accuracy(emb, self.eval_set.groups)
+        n = len(self.eval_set.captions)
+        cra = caption_retrieval_accuracy(emb[:n], self.eval_set.groups)
         res.update({f"cra_{k}": v for k, v in cra.items()})
+        e = self.cfg.eval
+        for name, (q, p) in self.eval_pairs.items():
+            m = paired_caption_retrieval(emb[n : n + len(q)], emb[n + len(q) : n + 2 * len(q)], p)
+            res.update({f"{name}_{e.query_kind}_{e.doc_kind}_{k}": v for k, v in m.items()})
+            n += 2 * len(q)
         return res
 
     # ----------------------------------------------------------------------- checkpoints
@@ -241,6 +262,7 @@ class Stage1Trainer:
             "scheduler": self.sched.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
             "config": self.cfg.model_dump(),
+            "train_s": self.train_s(),
         }
 
     def save_checkpoint(self) -> None:
@@ -267,8 +289,14 @@ class Stage1Trainer:
         random.setstate(st["rng"]["python"])
         np.random.set_state(st["rng"]["numpy"])
         self.step = st["step"]
+        self._train_s_before = st.get("train_s", 0.0)
 
     # ------------------------------------------------------------------------------ run
+    def train_s(self) -> float:
+        """Seconds spent training so far, by this process and the ones it resumed from (evaluations excluded)."""
+        here = time.perf_counter() - self._t_start - self._eval_s if hasattr(self, "_t_start") else 0.0
+        return getattr(self, "_train_s_before", 0.0) + here
+
     def log(self, rec: dict) -> None:
         if self.rank == 0:
             with open(self.out / "metrics.jsonl", "a") as f:
@@ -289,11 +317,14 @@ class Stage1Trainer:
             log.info("resumed from %s (step %d)", ck.name, self.step)
         elif self.rank == 0 and (self.out / "metrics.jsonl").exists():
             (self.out / "metrics.jsonl").unlink()
-        t_start = time.perf_counter()
+        # train_s: wall time spent training (earlier processes' included), evaluations excluded
+        self._t_start, self._eval_s = time.perf_counter(), 0.0
+        t_start = self._t_start
         if self.trunk:
             # every caption's frozen trunk once, up front, in length-sorted batches
             caps = sorted({c for g in self.sampler.groups for c in g.captions})
-            items = self.encoder.tokenize(caps) + self.encoder.tokenize(self.eval_set.captions)
+            evals = self.eval_captions() if c.eval.final or c.eval.every else []
+            items = self.encoder.tokenize(caps) + (self.encoder.tokenize(evals) if evals else [])
             if self.cfg.contrastive.query_instruction:
                 items += self.query_encoder.tokenize(caps)
             self.trunk.fill(items, progress=self.progress if self.rank == 0 else False)
@@ -306,7 +337,10 @@ class Stage1Trainer:
             info = self.train_step()
             info.update(step=self.step, step_s=round(time.perf_counter() - t0, 3))
             if c.eval.every and self.step % c.eval.every == 0 and self.step < c.optim.steps:
+                t_eval = time.perf_counter()
+                info["train_s"] = round(self.train_s(), 1)
                 info.update(self.evaluate())
+                self._eval_s += time.perf_counter() - t_eval
             if self.step % c.log_every == 0 or "cra_R@1" in info:
                 self.log(info)
             if self.step % c.save_every == 0 and self.step < c.optim.steps:
@@ -314,11 +348,11 @@ class Stage1Trainer:
             bar.set_postfix(loss=f"{info['loss']:.3f}")
             bar.update(1)
         bar.close()
-        train_s = time.perf_counter() - t_start
-        final = {"step": self.step, **self.evaluate()}
+        train_s = self.train_s()
+        final = {"step": self.step, **(self.evaluate() if c.eval.final else {})}
         self.log({**final, "final": True})
         self.save_checkpoint()
-        summary = {**final, "train_s": round(train_s, 1)}
+        summary = {**final, "train_s": round(train_s, 3)}
         if self.rank == 0:
             self.export()
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
