@@ -147,6 +147,25 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path):
     assert batch[0].shape[0] == 5 and batch[2] == 2
 
 
+def test_image_cache_gives_the_same_samples_and_decodes_once(tmp_path):
+    paths = _images(tmp_path, 4)
+    recs = [Record(str(p), {"short": [Caption(f"c{i}")]}) for i, p in enumerate(paths)]
+    feats = InMemoryFeatures({f"c{i}": np.full(2, i, np.float32) for i in range(4)})
+    opened = []
+
+    def loader(p):
+        opened.append(p)
+        return load_image_file(p)
+
+    tf = build_transform(16, (0.5,) * 3, (0.5,) * 3, train=True)
+    plain = PairDataset(recs, load_image_file, tf, {"short": 1.0}, 0, features=feats)
+    cached = PairDataset(recs, loader, tf, {"short": 1.0}, 0, features=feats, cache_images=True)
+    for epoch in range(3):
+        a, b = collate([plain[(i, epoch)] for i in range(4)]), collate([cached[(i, epoch)] for i in range(4)])
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert len(opened) == 4  # each image decoded and transformed once
+
+
 def test_in_memory_features_and_encoder():
     enc = BagOfWordsEncoder(BagOfWordsConfig(dim=16))
     feats = encode_captions({"a": "a red circle", "b": "a blue circle"}, enc)

@@ -205,7 +205,8 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: Sequence[Record], load_image: Callable[[str | int], Image.Image], transform,
                  kinds: dict[str, float], seed: int = 0, features: CaptionFeatures | None = None,
-                 tokenize: Callable[[list[str]], torch.Tensor] | None = None, max_tries: int = 64):
+                 tokenize: Callable[[list[str]], torch.Tensor] | None = None, max_tries: int = 64,
+                 cache_images: bool = False):
         if (features is None) == (tokenize is None):
             raise ValueError("give exactly one of features (adapter) or tokenize (CLIP text tower)")
         if not kinds or any(p < 0 for p in kinds.values()) or sum(kinds.values()) <= 0:
@@ -213,6 +214,8 @@ class PairDataset(torch.utils.data.Dataset):
         self.records, self.load_image, self.transform = list(records), load_image, transform
         self.kinds, self.seed, self.features, self.tokenize = dict(kinds), seed, features, tokenize
         self.max_tries = max_tries
+        # cache_images: keep each transformed image (only for a deterministic transform and a small set)
+        self._images: dict[int, torch.Tensor] | None = {} if cache_images else None
         for i, r in enumerate(self.records):
             if not any(k in r.captions for k in self.kinds):
                 raise InputError(f"record {i} ({r.image}): none of the caption kinds {sorted(self.kinds)}")
@@ -231,9 +234,15 @@ class PairDataset(torch.utils.data.Dataset):
         return caps[int(rng.integers(len(caps)))]
 
     def _image(self, index: int, epoch: int) -> torch.Tensor:
+        if self._images is not None:
+            if index not in self._images:
+                self._images[index] = self.transform(self.load_image(self.records[index].image))
+            return self._images[index]
         im = self.load_image(self.records[index].image)
         with torch.random.fork_rng(devices=[]):  # seeded augmentation that leaves the trainer's RNG alone
-            torch.manual_seed(int(_rng(self.seed, index, epoch, 2).integers(2**62)))
+            # the CPU generator only: torch.manual_seed also seeds every accelerator backend, which
+            # (uninitialised) formats a stack trace each time, about 0.5 ms a sample
+            torch.default_generator.manual_seed(int(_rng(self.seed, index, epoch, 2).integers(2**62)))
             return self.transform(im)
 
     def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor, int]:

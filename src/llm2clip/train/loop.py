@@ -168,8 +168,11 @@ def fit(cfg: RunConfig, resume: str | bool | None = None, stop_at_step: int | No
     v = model.visual
     train_tf = build_transform(v.image_size, v.mean, v.std, train=True, augment=cfg.data.augment)
     eval_tf = build_transform(v.image_size, v.mean, v.std, train=False)
+    # a small set under a deterministic transform is decoded and transformed once per image, not per draw
+    small = len(train_records) * 3 * v.image_size**2 * 4 <= 512 << 20
     dataset = PairDataset(train_records, train_loader_fn, train_tf, cfg.data.caption_kinds, cfg.seed,
-                          features if model.uses_adapter else None, tokenize)
+                          features if model.uses_adapter else None, tokenize,
+                          cache_images=cfg.data.augment == "none" and cfg.data.workers == 0 and small)
 
     optimizer = _build_opt(model, O)
     from .optim import build_scheduler
