@@ -42,13 +42,17 @@ def test_smoke_preset_writes_every_stage_and_the_report(smoke_run, capsys):
     names = [s.name for s in build_stages(cfg)]
     assert list(m["stages"]) == names
     assert all(m["stages"][n]["status"] == "done" for n in names)
-    assert (smoke_run / "stage1" / "encoder" / "llm2clip_encoder.json").is_file()
-    for t in ("llm-raw", "llm-cc", "random"):
+    for t in ("llm-cc", "llm-cc-bidir"):  # each fine-tuned teacher has its own stage 1
+        assert (smoke_run / "stage1" / t / "encoder" / "llm2clip_encoder.json").is_file()
+    enc = lambda t: json.loads((smoke_run / "stage1" / t / "encoder" / "llm2clip_encoder.json").read_text())  # noqa: E731
+    assert [enc(t)["encoder"]["bidirectional"] for t in ("llm-cc", "llm-cc-bidir")] == [False, True]
+    for t in ("llm-raw", "llm-cc", "llm-cc-bidir", "random"):
         assert (smoke_run / "embed" / t / "manifest.json").is_file()
     rep = smoke_run / "report"
     md = (rep / "report.md").read_text()
     res = json.loads((rep / "results.json").read_text())
-    assert len(res["rows"]) == len(cfg.variants) == 6
+    assert len(res["rows"]) == len(cfg.variants) == 7
+    assert "Departure from the paper" in md and "kept as its own row, tiny LLM (CC, bidirectional)" in md
     for p in res["plots"]:
         assert (rep / p).read_bytes()[:4] == b"\x89PNG"
     assert "teachers.png" in res["plots"] and "dense_ratio_llm-cc.png" in res["plots"]
@@ -69,11 +73,12 @@ def test_smoke_preset_writes_every_stage_and_the_report(smoke_run, capsys):
 
 def test_rerun_skips_finished_stages(smoke_run, capsys):
     before = {p: _lines(p) for p in smoke_run.glob("train/*/metrics.jsonl")}
-    st1 = _lines(smoke_run / "stage1" / "metrics.jsonl")
+    st1 = _lines(smoke_run / "stage1" / "llm-cc" / "metrics.jsonl")
     run_pipeline(smoke(smoke_run))
     out = capsys.readouterr().out
-    assert "finished before, skipped: data, stage1" in out and "[run 1/" not in out
-    assert {p: _lines(p) for p in before} == before and _lines(smoke_run / "stage1" / "metrics.jsonl") == st1
+    assert "finished before, skipped: data, stage1/llm-cc, stage1/llm-cc-bidir, embed/llm-raw" in out
+    assert "[run 1/" not in out
+    assert {p: _lines(p) for p in before} == before and _lines(smoke_run / "stage1" / "llm-cc" / "metrics.jsonl") == st1
 
 
 def test_changed_stage2_setting_redoes_only_stage2_and_eval(tmp_path, smoke_run, capsys):
@@ -85,7 +90,7 @@ def test_changed_stage2_setting_redoes_only_stage2_and_eval(tmp_path, smoke_run,
     cfg.stage2.train.steps = 4
     run_pipeline(cfg)
     out = capsys.readouterr().out
-    assert "skipped: data, stage1, embed/llm-raw, embed/llm-cc, embed/random" in out
+    assert "skipped: data, stage1/llm-cc, stage1/llm-cc-bidir, embed/llm-raw, embed/llm-cc, embed/llm-cc-bidir, embed/random" in out
     m = json.loads((run_dir / MANIFEST).read_text())
     for v in cfg.variants:
         assert m["stages"][f"train/{v.name}"]["result"]["steps"] == 4
@@ -115,7 +120,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     run_pipeline(smoke(run_dir))
     out = capsys.readouterr().out
-    assert f"skipped: data, stage1, embed/llm-raw, embed/llm-cc, embed/random, {first}" in out
+    assert f"skipped: data, stage1/llm-cc, stage1/llm-cc-bidir, embed/llm-raw, embed/llm-cc, embed/llm-cc-bidir, embed/random, {first}" in out
     m = json.loads((run_dir / MANIFEST).read_text())
     assert all(s["status"] == "done" for s in m["stages"].values())
 
@@ -159,10 +164,10 @@ def test_config_errors_name_the_field(tmp_path):
     good = preset_path("smoke").read_text()
     bad = tmp_path / "bad.yaml"
     bad.write_text(good.replace("- {teacher: random, dense: 0.5}", "- {teacher: minilm, dense: 0.5}"))
-    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: variants: .*item 3: unknown teacher 'minilm'"):
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: variants: .*item 4: unknown teacher 'minilm'"):
         load_pipeline_config(bad)
     bad.write_text(good.replace("- {teacher: llm-cc, dense: 0.0}", "- {teacher: llm-cc, dense: 1.5}"))
-    with pytest.raises(ConfigError, match=r"variants\.4\.dense"):
+    with pytest.raises(ConfigError, match=r"variants\.5\.dense"):
         load_pipeline_config(bad)
     bad.write_text(good.replace("- {teacher: llm-cc, dense: 0.0}", "- {teacher: llm-cc, dense: 0.5}"))
     with pytest.raises(ConfigError, match="listed twice"):
@@ -185,10 +190,13 @@ def test_eta_is_rescaled_by_finished_stages(tmp_path):
 def test_quickstart_preset_is_valid_and_plans_the_paper_ablation():
     cfg = load_pipeline_config("quickstart")
     names = [s.name for s in build_stages(cfg)]
-    assert names[:2] == ["data", "stage1"] and names[-1] == "eval"
-    assert {"embed/smollm2-raw", "embed/smollm2-cc", "embed/minilm"} <= set(names)
+    assert names[:3] == ["data", "stage1/smollm2-cc", "stage1/smollm2-cc-bidir"] and names[-1] == "eval"
+    assert {"stage1/smollm2-cc-bidir", "embed/smollm2-raw", "embed/smollm2-cc", "embed/minilm"} <= set(names)
     assert {v.name for v in cfg.variants} == {"clip-dense50", "smollm2-raw-dense50", "smollm2-cc-dense50",
-                                             "minilm-dense50", "smollm2-cc-dense0", "smollm2-cc-dense100"}
+                                             "smollm2-cc-bidir-dense50", "minilm-dense50", "smollm2-cc-dense0",
+                                             "smollm2-cc-dense100"}
+    # the run's CC teacher is causal (the study's winner); the paper's bidirectional setting is its own row
+    assert not cfg.teacher_llm("smollm2-cc").bidirectional and cfg.teacher_llm("smollm2-cc-bidir").bidirectional
     assert np.isclose(cfg.variants[0].dense, 0.5)
 
 
@@ -237,3 +245,25 @@ def test_fashion_mnist_variants_and_zero_shot_column(tmp_path):
     cfg.fashion_mnist = cfg.fashion_mnist.model_copy(update={"root": str(tmp_path / "nothing")})
     with pytest.raises(ConfigError, match="no Fashion-MNIST files"):
         build_stages(cfg)
+
+
+def test_pool_starts_each_stage_after_its_dependencies(tmp_path):
+    """Pooled stages run `parallel` at a time, each only once every stage it reads from has finished."""
+    import subprocess
+
+    from llm2clip.pipeline.runner import Runner, Stage
+
+    log = tmp_path / "log"
+
+    def stage(name, deps, seconds):
+        cmd = ["sh", "-c", f"echo start {name} >> {log}; sleep {seconds}; echo end {name} >> {log}"]
+        return Stage(name, {"n": name}, subprocess.check_call, (cmd,), deps=deps, pooled=True)
+
+    # "b" reads from "a" (slow); "c" and "d" are free: they run beside "a" instead of waiting for it
+    stages = [Stage("z", {}, dict), stage("a", ["z"], 1.5), stage("b", ["a"], 0), stage("c", [], 0),
+              stage("d", [], 0)]
+    m = Runner(tmp_path / "run", stages, parallel=2).run()
+    events = log.read_text().split("\n")
+    assert events.index("end a") < events.index("start b")
+    assert events.index("end c") < events.index("end a") and events.index("end d") < events.index("end a")
+    assert all(m["stages"][s]["status"] == "done" for s in "abcdz")

@@ -9,7 +9,7 @@ from pathlib import Path
 STAGES_HELP = """\
 stages (each writes into its own folder of the run folder; manifest.json says what was made from what):
   data        scene captions to embed, and scene caption pairs for stage 1
-  stage1      caption-contrastive LoRA fine-tuning of the LLM (CuPL training classes + scene pairs)
+  stage1/T    caption-contrastive LoRA fine-tuning of the LLM for fine-tuned teacher T (CuPL classes + scene pairs)
   embed/T     every caption embedded once by text teacher T (a feature store)
   train/V     stage 2 of variant V: the vision tower against teacher V's embeddings (or a CLIP text tower)
   eval        CRA of every teacher; short / dense retrieval of every variant on held-out scenes
@@ -17,7 +17,7 @@ then report/report.md (table, the paper's claims checked, PNG plots, timings, ve
 
 A rerun skips finished stages whose inputs are unchanged and resumes an interrupted one from its
 checkpoints or shards; a stage whose inputs changed is redone, and so is everything after it.
-presets: quickstart (SmolLM2-135M-Instruct, all-MiniLM-L6-v2, about 15 minutes on 2 cores),
+presets: quickstart (SmolLM2-135M-Instruct, all-MiniLM-L6-v2, 15 to 20 minutes on 2 cores),
 smoke (tiny random models, well under a minute).
 """
 
@@ -38,8 +38,8 @@ def add_commands(sub) -> None:
         "quickstart", help="the main job: the shipped default pipeline (llm2clip run quickstart)",
         description=textwrap.fill(
             "The embedded default: SmolLM2-135M-Instruct fine-tuned by caption contrast (stage 1), every "
-            "caption embedded once, a small ViT trained from scratch on generated scenes against six text "
-            "sides, evaluated on held-out scenes, and a report comparing them (about 15 minutes on 2 cores).", 100),
+            "caption embedded once, a small ViT trained from scratch on generated scenes against each text "
+            "side (seven variants), evaluated on held-out scenes, and a report comparing them (15 to 20 minutes on 2 cores).", 100),
         epilog=STAGES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("--preset", default="quickstart", help="quickstart (default) or smoke (tiny random models)")
     _common(q)
@@ -48,7 +48,7 @@ def add_commands(sub) -> None:
 
 def _common(p) -> None:
     p.add_argument("--run-dir", type=Path, help="override run_dir (default: the config's)")
-    p.add_argument("--parallel", type=int, help="stage-2 variants at once (one process each)")
+    p.add_argument("--parallel", type=int, help="stages at once (one process and one thread each)")
     p.add_argument("--threads", type=int, help="torch CPU threads of single-process stages")
 
 

@@ -19,6 +19,8 @@ class LLMTeacher(StrictModel):
 
     kind: Literal["llm"] = "llm"
     finetuned: bool = False
+    bidirectional: bool | None = Field(None, description=(
+        "this teacher's attention (default: llm.bidirectional); a fine-tuned teacher runs its own stage 1 with it"))
     label: str | None = Field(None, description="row name in the report")
 
 
@@ -117,7 +119,8 @@ class PipelineConfig(StrictModel):
     run_dir: str = Field("runs/run", description="relative to the working directory")
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch CPU threads of single-process stages")
-    parallel: int = Field(1, ge=1, description="stage-2 variants trained at once, one process each")
+    parallel: int = Field(1, ge=1, description=(
+        "stages at once, one process and one thread each (>1: stage 1 and stage-2 variants run in a pool)"))
     llm: LLMEncoderConfig
     embed_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     scenes: ScenesSettings = Field(default_factory=ScenesSettings)
@@ -173,12 +176,16 @@ class PipelineConfig(StrictModel):
         if self.fashion_mnist.root and not Path(self.fashion_mnist.root).is_absolute():
             self.fashion_mnist.root = str(base / self.fashion_mnist.root)
 
+    def teacher_llm(self, name: str) -> LLMEncoderConfig:
+        """The LLM of an LLM teacher as it encodes (before stage 1's weights, for a fine-tuned one)."""
+        t = self.teachers[name]
+        return self.llm if t.bidirectional is None else self.llm.model_copy(update={"bidirectional": t.bidirectional})
+
+    def finetuned_teachers(self) -> list[str]:
+        return [k for k, t in self.used_teachers().items() if isinstance(t, LLMTeacher) and t.finetuned]
+
     def teacher_label(self, name: str) -> str:
         return self.teachers[name].label or name
-
-    @property
-    def needs_stage1(self) -> bool:
-        return any(isinstance(t, LLMTeacher) and t.finetuned for t in self.used_teachers().values())
 
     def used_teachers(self) -> dict[str, Teacher]:
         used = {v.teacher for v in self.variants}

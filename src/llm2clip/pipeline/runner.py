@@ -158,34 +158,58 @@ class Runner:
         return self.manifest
 
     def _run_pool(self, group: list[Stage], i: int, n: int, rest: list[Stage]) -> None:
-        """Pooled stages in worker processes; one bar over their progress, read from their files."""
+        """Pooled stages in worker processes, ``parallel`` at a time, each started (in list order) once the
+        stages it depends on have finished; one bar over their progress, read from their files."""
         from tqdm.auto import tqdm
 
         names = ", ".join(s.name for s in group)
         self._header(i + 1, n, f"{len(group)} stages, {self.parallel} at a time: {names}", [*group, *rest])
-        for st in group:
-            self._begin(st)
+        in_group = {s.name for s in group}
+        finished: set[str] = set()
+        waiting, running = list(group), {}
         ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch threads
-        with cf.ProcessPoolExecutor(max_workers=self.parallel, mp_context=ctx) as pool:
-            futs = {}
-            for st in group:
-                futs[pool.submit(_timed, st.fn, st.args)] = st
-            total = sum((s.progress() if s.progress else (0, 1))[1] for s in group)
-            bar = tqdm(total=total, unit="step", desc="stage 2", file=self.out, dynamic_ncols=True, mininterval=2)
-            pending = set(futs)
-            while pending:
-                done, pending = cf.wait(pending, timeout=2.0)
-                for f in done:
-                    st = futs[f]
-                    result, seconds = f.result()  # a worker's exception surfaces here
+        units = lambda s: s.progress() if s.progress else (0, 1)  # noqa: E731
+        total = sum(units(s)[1] for s in group)
+        bar = tqdm(total=total, unit="step", desc="stages", file=self.out, dynamic_ncols=True, mininterval=2)
+        pool = cf.ProcessPoolExecutor(max_workers=self.parallel, mp_context=ctx)
+        failed: BaseException | None = None
+        try:
+            while (waiting or running) and failed is None:
+                while len(running) < self.parallel:
+                    st = next((s for s in waiting if all(d in finished or d not in in_group for d in s.deps)), None)
+                    if st is None:
+                        break
+                    waiting.remove(st)
+                    self._begin(st)
+                    running[pool.submit(_timed, st.fn, st.args)] = st
+                if not running:
+                    raise RuntimeError(f"stages {[s.name for s in waiting]} wait for stages that never run")
+                done, _ = cf.wait(running, timeout=2.0, return_when=cf.FIRST_COMPLETED)
+                for f in done:  # record every stage that finished before raising a worker's error
+                    st = running.pop(f)
+                    try:
+                        result, seconds = f.result()
+                    except BaseException as err:  # noqa: BLE001 - re-raised below, after the others are recorded
+                        failed = failed or err
+                        continue
                     self._finish(st, result, seconds)
+                    finished.add(st.name)
                     bar.write(f"[run] {st.name} done in {fmt_duration(seconds)}")
-                running = [futs[f].name.split("/")[-1] for f in pending if futs[f].progress and
-                           futs[f].progress()[0] > 0]
-                bar.n = sum((s.progress() if s.progress else (0, 1))[0] for s in group)
-                bar.set_postfix_str(", ".join(running)[:60])
+                bar.n = sum(units(s)[1] if s.name in finished else units(s)[0] for s in group)
+                bar.set_postfix_str(", ".join(s.name.split("/")[-1] for s in running.values())[:60])
                 bar.refresh()
+        except BaseException as err:  # e.g. Ctrl-C in the main process
+            failed = failed or err
+        finally:
             bar.close()
+            if failed is not None:  # stop now: the stages still running resume from their own files next time
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    proc.terminate()
+                pool.shutdown(wait=False, cancel_futures=True)
+            else:
+                pool.shutdown()
+        if failed is not None:
+            raise failed
 
 
 def _timed(fn, args):

@@ -1,7 +1,7 @@
 """The stages of `llm2clip run`, as module-level functions of plain (picklable) arguments.
 
 data       scene captions to embed, and scene caption groups for stage 1
-stage1     caption-contrastive LoRA fine-tuning of the LLM (CuPL training classes + scene pairs)
+stage1/T   caption-contrastive LoRA fine-tuning of the LLM for fine-tuned teacher T (CuPL classes + scene pairs)
 embed/T    every scene caption embedded once by teacher T into a feature store
 train/V    stage 2 of variant V (a teacher and a dense-caption share): vision tower + adapter
 eval       CRA per teacher, short / dense retrieval per variant (held-out scenes)
@@ -49,7 +49,7 @@ def scene_sets(scenes: dict):
 def make_data(out: str, scenes: dict, stage1_scenes: int, fmnist_per_class: int | None = None) -> dict:
     """captions.jsonl (id, caption) of the train and held-out scenes, and of the Fashion-MNIST classes
     when given; stage1_groups.jsonl (the first `stage1_scenes` training scenes' short and dense captions
-    as one group each)."""
+    as one group each) and heldout_groups.jsonl (the same for every held-out scene)."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     train, val = scene_sets(scenes)
@@ -66,6 +66,10 @@ def make_data(out: str, scenes: dict, stage1_scenes: int, fmnist_per_class: int 
         caps = train[i].captions()
         groups.append({"group": f"scene-{train[i].key}", "captions": list(caps.values()), "kinds": list(caps)})
     n_groups = _write_jsonl(out_dir / "stage1_groups.jsonl", groups)
+    # the held-out scenes as caption groups too (for stage-1 studies: `llm2clip finetune-text` eval.groups)
+    _write_jsonl(out_dir / "heldout_groups.jsonl",
+                 ({"group": f"scene-{val[i].key}", "captions": list(c.values()), "kinds": list(c)}
+                  for i in range(len(val)) for c in [val[i].captions()]))
     scene = rows[:n_scene_rows]
     words = {k: sum(len(r["caption"].split()) for r in scene if r["id"].endswith(k)) / max(1, len(scene) // 2)
              for k in ("-short", "-dense")}
@@ -74,14 +78,14 @@ def make_data(out: str, scenes: dict, stage1_scenes: int, fmnist_per_class: int 
 
 
 # ----------------------------------------------------------------------------------- stage 1
-def run_stage1(finetune_cfg: dict, threads: int | None) -> dict:
+def run_stage1(finetune_cfg: dict, threads: int | None, progress: bool = True) -> dict:
     from ..config import parse_config
     from ..finetune.config import FinetuneConfig
     from ..finetune.trainer import Stage1Trainer
 
     _threads(threads)
     cfg = parse_config(finetune_cfg, FinetuneConfig, "stage1")
-    summary = Stage1Trainer(cfg).run(resume=True)
+    summary = Stage1Trainer(cfg, progress=None if progress else False).run(resume=True)
     trunk = None
     metrics = Path(cfg.out) / "metrics.jsonl"
     if metrics.is_file():
@@ -91,14 +95,14 @@ def run_stage1(finetune_cfg: dict, threads: int | None) -> dict:
 
 
 # ------------------------------------------------------------------------------------- embed
-def run_embed(embed_cfg: dict, threads: int | None) -> dict:
+def run_embed(embed_cfg: dict, threads: int | None, progress: bool = True) -> dict:
     from ..config import parse_config
     from ..features import FeatureStore
     from ..features.extract import EmbedConfig, run_embedding
 
     _threads(threads)
     cfg = parse_config(embed_cfg, EmbedConfig, "embed")
-    out = run_embedding(cfg, progress=True)
+    out = run_embedding(cfg, progress=progress)
     store = FeatureStore.open(out)
     return {"store": str(out), "captions": store.num_ids, "dim": store.dim}
 
@@ -176,22 +180,12 @@ def run_zeroshot(models: dict, test: int, root: str | None, threads: int | None)
 def dense_to_short(emb: torch.Tensor, ids: list[str], texts: list[str], ks) -> dict:
     """Scene CRA: each dense caption queries the distinct short captions (many scenes share one, e.g.
     'three shapes on a navy background'); a hit at K when its own scene's short caption is in the top K."""
-    short, first = {}, {}  # id -> text; text -> its first row
-    for k, (i, t) in enumerate(zip(ids, texts)):
-        if i.endswith("-short"):
-            short[i] = t
-            first.setdefault(t, k)
-    dense = [(i, k) for k, i in enumerate(ids) if i.endswith("-dense")]
-    uniq = sorted(first)
-    pos = {t: j for j, t in enumerate(uniq)}
-    cand = torch.nn.functional.normalize(emb[[first[t] for t in uniq]], dim=-1)
-    q = torch.nn.functional.normalize(emb[[k for _, k in dense]], dim=-1)
-    target = torch.tensor([pos[short[i[: -len("-dense")] + "-short"]] for i, _ in dense])
-    sims = q @ cand.T
-    rank = (sims > sims.gather(1, target[:, None])).sum(1)  # strict: ties count for the query
-    out = {f"R@{k}": float((rank < k).float().mean()) for k in ks}
-    out.update(pool_size=len(uniq), queries=len(dense))
-    return out
+    from ..eval.cra import paired_caption_retrieval
+
+    row = {i: k for k, i in enumerate(ids)}
+    dense = [k for k, i in enumerate(ids) if i.endswith("-dense")]
+    short = [row[ids[k][: -len("-dense")] + "-short"] for k in dense]
+    return paired_caption_retrieval(emb[dense], emb[short], [texts[k] for k in short], ks)
 
 
 def run_eval(run_dir: str, scenes: dict, teachers: dict, variants: list[str], cupl: dict, ks: list[int],
