@@ -338,7 +338,7 @@ class Stage1Trainer:
             info.update(step=self.step, step_s=round(time.perf_counter() - t0, 3))
             if c.eval.every and self.step % c.eval.every == 0 and self.step < c.optim.steps:
                 t_eval = time.perf_counter()
-                info["train_s"] = round(self.train_s(), 1)
+                info["train_s"] = round(self.train_s(), 3)
                 info.update(self.evaluate())
                 self._eval_s += time.perf_counter() - t_eval
             if self.step % c.log_every == 0 or "cra_R@1" in info:
