@@ -184,7 +184,7 @@ def report(args, r: dict, load_before: str, load_after: str) -> str:
         "```", "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_search.py " + " ".join(sys.argv[1:]), "```", "",
         f"Recorded {date} on the shared 2-core development machine, **under load from other agents' jobs**:", "",
         f"- before: `{load_before}`", f"- after: `{load_after}`", "",
-        "Absolute figures swing by up to 10x on this machine (ASSETS.md); read the ratios.", "",
+        "Absolute figures swing by up to 10x on this machine (docs/ASSETS.md); read the ratios.", "",
         "## Indexing", "",
         f"`build_index` over {ix['images']} generated scene PNGs ({ix['render_size']} px, 100 per sub-folder) with the "
         "small ViT of configs/stage2-scenes.yaml (32 px input, width 128, 4 layers, 256-d embeddings), flat index, "

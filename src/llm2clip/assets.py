@@ -1,4 +1,4 @@
-"""The small real assets this project installs from the package registries (ASSETS.md).
+"""The small real assets this project installs from the package registries (docs/ASSETS.md).
 
 Each is found inside its installed package, never downloaded at run time.
 """

@@ -24,7 +24,7 @@ def finish(code: int) -> None:
     """End a distributed worker: barrier, destroy, then os._exit.
 
     Without os._exit about 7 % of gloo runs abort at interpreter exit after
-    destroy_process_group (ASSETS.md); with it, none did.
+    destroy_process_group (docs/ASSETS.md); with it, none did.
     """
     if dist.is_initialized():
         dist.barrier()

@@ -1,7 +1,7 @@
 """Contrastive losses of stage 2: CLIP (InfoNCE both ways) and SigLIP (pairwise sigmoid).
 
 Both take L2-normalised features. Across processes, features are gathered so that every
-rank contrasts its local rows against the global batch (METHOD.md 3.2). With
+rank contrasts its local rows against the global batch (docs/METHOD.md 3.2). With
 ``gather_with_grad`` the gather is differentiable (torch.distributed.nn), and DDP's gradient
 averaging then gives exactly the gradient of the single-process loss on the global batch.
 """

@@ -1,4 +1,4 @@
-"""LLM2CLIP: a vision tower with a new head, a text side, and a logit scale (METHOD.md 3.1).
+"""LLM2CLIP: a vision tower with a new head, a text side, and a logit scale (docs/METHOD.md 3.1).
 
 The text side is either the TextAdapter over stored LLM caption embeddings (the method; the LLM
 never runs in training) or a plain CLIP text transformer trained jointly (the vanilla-CLIP
@@ -104,7 +104,7 @@ class TextAdapter(nn.Module):
         if x.shape[-1] != self.in_dim:
             raise InputError(f"caption embeddings have dim {x.shape[-1]}, the adapter expects {self.in_dim}")
         x = x.to(self.proj.weight.dtype)
-        if self.l2_norm:  # stored embeddings are raw pooled vectors (METHOD.md 2)
+        if self.l2_norm:  # stored embeddings are raw pooled vectors (docs/METHOD.md 2)
             x = F.normalize(x, dim=-1)
         if self.standardize:
             x = (x - self.in_mean) / self.in_std

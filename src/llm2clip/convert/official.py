@@ -1,7 +1,7 @@
 """Import the released LLM2CLIP checkpoints into our formats, without running any official code.
 
 * ``convert_official_clip``: an EVA-CLIP-style ``.pt`` state dict (``visual.*``, ``text.*``,
-  ``logit_scale``; METHOD.md 3.1 and 5) -> a saved LLM2CLIP model (``model.safetensors`` +
+  ``logit_scale``; docs/METHOD.md 3.1 and 5) -> a saved LLM2CLIP model (``model.safetensors`` +
   ``llm2clip_model.json``). The vision weights go into a tower of our registry (open_clip's EVA02,
   i.e. timm's Eva, for EVA-CLIP towers; open_clip's or transformers' CLIP ViT for OpenAI towers), the
   vision projection into ``head``, ``text.text_adaptor`` into our TextAdapter. Key maps: keymaps.py
@@ -10,9 +10,9 @@
 * ``convert_official_llm``: a merged caption-contrastive LLM in a HF directory (plain Llama weights;
   its ``auto_map`` remote code is ignored, never imported) -> our caption-encoder directory with the
   released encoders' settings made explicit: bidirectional, mean pooling, the Llama-3 user turn,
-  pooling the caption tokens and ``<|eot_id|>`` (METHOD.md 1.3, 2 and 5).
+  pooling the caption tokens and ``<|eot_id|>`` (docs/METHOD.md 1.3, 2 and 5).
 
-On the adapter's L2 normalisation: METHOD.md 3.1 puts it on the adapter's input (the stored LLM
+On the adapter's L2 normalisation: docs/METHOD.md 3.1 puts it on the adapter's input (the stored LLM
 vector); a version of the official ``TextProj.forward`` we read normalises the adapter's *output*
 instead (which the CLIP loss normalises again anyway), and the 1B model card normalises the LLM
 vector before calling the adapter. Our converted adapter normalises its input (``l2_norm: true``),
@@ -299,7 +299,7 @@ def convert_official_clip(ckpt: str | Path, out: str | Path, vision=None, captio
 
 
 # ------------------------------------------------------------------------------ caption-contrastive LLM
-# The released CC encoders (METHOD.md 2 and 5): LLM2Vec(pooling_mode="mean", max_length=512,
+# The released CC encoders (docs/METHOD.md 2 and 5): LLM2Vec(pooling_mode="mean", max_length=512,
 # skip_instruction=True) over "<|start_header_id|>user<|end_header_id|>\n\n{caption}<|eot_id|>" with
 # BOS, bidirectional attention, no instruction; the pooled tokens are the caption's and <|eot_id|>.
 OFFICIAL_LLM_SETTINGS = dict(bidirectional=True, pooling="mean", template="llama3", pool_template_suffix=True,

@@ -1,7 +1,7 @@
 """Fashion-MNIST (Debian package dataset-fashion-mnist) as image-caption records.
 
 Captions are class-level: a short one ("a photo of a sneaker") and dense ones taken from the
-CuPL descriptions of the matching ImageNet class (ASSETS.md), several per class. Retrieval on it is
+CuPL descriptions of the matching ImageNet class (docs/ASSETS.md), several per class. Retrieval on it is
 therefore class-level. ``available()`` is false when the files are absent; callers skip cleanly.
 """
 

@@ -1,4 +1,4 @@
-"""CRA, caption retrieval accuracy (METHOD.md 4 and 8).
+"""CRA, caption retrieval accuracy (docs/METHOD.md 4 and 8).
 
 Every caption is a query against all *other* captions of the pool; a query hits at K when one
 of its top-K neighbours (cosine) shares its group (the same image, or the same subject). Queries

@@ -6,7 +6,7 @@ the top K images). CLIP_benchmark calls these ``text_retrieval_recall@K`` and
 ``image_retrieval_recall@K``; our values equal its values (tests/test_retrieval.py).
 
 Captions are tied to images by an explicit caption-to-image index, never by a reshape, so unequal
-caption counts cannot shift anything (METHOD.md 7.6).
+caption counts cannot shift anything (docs/METHOD.md 7.6).
 
 How it is computed: instead of a top-K list, every query gets its exact rank, the number of
 wrong candidates scoring at least as high as its best right one. R@K is then ``rank < K`` for any K

@@ -4,7 +4,7 @@ Each class gets one weight vector: its prompts (class name through templates, or
 descriptions per class as CuPL does) are encoded by the model's ``encode_text``, L2-normalised,
 averaged and renormalised, as CLIP_benchmark's ``zero_shot_classifier`` does. Class weights are
 always computed here from text, never read from a precomputed file of unknown origin (the
-official code's ``--imagenet-classname-feautres``, METHOD.md 7.6).
+official code's ``--imagenet-classname-feautres``, docs/METHOD.md 7.6).
 
 Top-K accuracy uses the same exact-rank rule as retrieval: a class scoring at least as high as
 the true class is ranked before it, so ties count against the image.

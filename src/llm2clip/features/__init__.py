@@ -1,4 +1,4 @@
-"""The caption-embedding store and the extraction job that fills it (stage 2a, METHOD.md 2).
+"""The caption-embedding store and the extraction job that fills it (stage 2a, docs/METHOD.md 2).
 
     store = FeatureStore.open("features/cc3m", identity=encoder.identity())
     vecs = store.get_by_ids(["img1/short", "img1/long"])      # np.ndarray [2, D]

@@ -1,4 +1,4 @@
-"""The extraction job: every caption embedded once, offline, into a FeatureStore (METHOD.md 2).
+"""The extraction job: every caption embedded once, offline, into a FeatureStore (docs/METHOD.md 2).
 
 Captions come from JSONL/CSV manifests or the built-in CuPL sets. Equal caption texts share
 one row; rows are the unique texts in first-seen order, cut into fixed-size shards. A shard is

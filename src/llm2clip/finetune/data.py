@@ -1,7 +1,7 @@
 """Stage-1 data: caption groups, contrastive pairs, and plain text for MNTP.
 
 A caption group holds the captions of one image (or one subject): they are positives of each
-other and never negatives. Pairs are drawn as the official code draws them (METHOD.md 1.3): a
+other and never negatives. Pairs are drawn as the official code draws them (docs/METHOD.md 1.3): a
 query, a positive from the same group, and optionally one random hard negative from another
 group, of the positive's kind; with kinds (short / dense) the direction is a coin flip.
 Sampling is a pure function of (seed, step), so a resumed run draws the same batches.

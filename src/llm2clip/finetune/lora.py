@@ -2,7 +2,7 @@
 
 LoRA goes on the transformer body (not the LM-head wrapper), so the saved adapter's keys are
 the body's and it merges into the caption encoder as it is (the official MNTP adapters did not:
-METHOD.md 1.2).
+docs/METHOD.md 1.2).
 
 When LoRA sits on the top N layers only, the layers below are frozen and, with padding-
 invariant bidirectional attention, their output for a caption never changes. The trunk cache

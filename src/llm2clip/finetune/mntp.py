@@ -1,4 +1,4 @@
-"""MNTP: masked next-token prediction on a bidirectional LLM (LLM2Vec, METHOD.md 1.2).
+"""MNTP: masked next-token prediction on a bidirectional LLM (LLM2Vec, docs/METHOD.md 1.2).
 
 20 % of the non-special tokens are selected; of those 80 % become the mask token, 10 % a random
 token, 10 % stay. The original token at position i is predicted from the output at position

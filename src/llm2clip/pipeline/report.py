@@ -97,7 +97,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def check_claims(cfg: PipelineConfig, rows: list[dict]) -> list[dict]:
-    """The paper's orderings (METHOD.md 8), each with the numbers it was decided on."""
+    """The paper's orderings (docs/METHOD.md 8), each with the numbers it was decided on."""
     claims = []
     by_kind: dict[str, list[dict]] = {}
     default = cfg.variants[0].dense

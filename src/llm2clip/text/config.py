@@ -15,7 +15,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 
 class LLMEncoderConfig(StrictModel):
-    """A decoder LLM used as a caption encoder (METHOD.md 1.1, 2 and 6).
+    """A decoder LLM used as a caption encoder (docs/METHOD.md 1.1, 2 and 6).
 
     The template and instruction are explicit: nothing is inferred from the model's name.
     """

@@ -108,7 +108,7 @@ def merge_adapters(model: torch.nn.Module, adapters: list[str]) -> torch.nn.Modu
     """Merge LoRA adapters one after another, checking that each really changes the weights.
 
     The official stage-1 code merged adapters whose key prefixes did not match the model, which
-    PEFT accepts with a warning and no effect (METHOD.md 1.2). Here that is an error.
+    PEFT accepts with a warning and no effect (docs/METHOD.md 1.2). Here that is an error.
     """
     from peft import PeftModel
 

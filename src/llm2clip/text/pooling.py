@@ -1,4 +1,4 @@
-"""Pooling token states into one caption embedding (LLM2Vec's modes, METHOD.md 6)."""
+"""Pooling token states into one caption embedding (LLM2Vec's modes, docs/METHOD.md 6)."""
 
 from __future__ import annotations
 

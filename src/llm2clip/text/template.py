@@ -1,6 +1,6 @@
 """Prompt layout of a caption: [BOS] template-head [instruction; ] caption template-tail.
 
-The template is explicit config (never inferred from a model name, METHOD.md 7.3). Each part
+The template is explicit config (never inferred from a model name, docs/METHOD.md 7.3). Each part
 is tokenized on its own, so the caption's token span is known exactly: the pooled tokens are
 the caption's, plus the template's closing tokens when ``pool_template_suffix`` is set (the
 released LLM2CLIP encoders pool ``caption + <|eot_id|>``).

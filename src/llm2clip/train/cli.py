@@ -76,6 +76,6 @@ def run_train(args) -> int:
             print(f"model: {Path(cfg.run_dir) / 'model'}")
         code = 0
     finally:
-        if di.world > 1:  # ASSETS.md: barrier + destroy + os._exit, or gloo may abort at exit
+        if di.world > 1:  # docs/ASSETS.md: barrier + destroy + os._exit, or gloo may abort at exit
             finish_and_exit(code)
     return code

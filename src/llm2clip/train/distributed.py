@@ -1,4 +1,4 @@
-"""torchrun / DDP plumbing. Single-process runs never touch torch.distributed (METHOD.md 7.7)."""
+"""torchrun / DDP plumbing. Single-process runs never touch torch.distributed (docs/METHOD.md 7.7)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def barrier() -> None:
 
 def finish_and_exit(code: int) -> None:
     """End a distributed worker: barrier, destroy the group, then os._exit. gloo aborts at interpreter
-    exit in about 7 % of runs otherwise (ASSETS.md)."""
+    exit in about 7 % of runs otherwise (docs/ASSETS.md)."""
     if dist.is_available() and dist.is_initialized():
         try:
             dist.barrier()

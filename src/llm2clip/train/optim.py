@@ -1,5 +1,5 @@
 """AdamW parameter groups (decay on matrices only, layer-wise lr decay of the vision tower) and the
-warmup + cosine schedule (METHOD.md 3.3)."""
+warmup + cosine schedule (docs/METHOD.md 3.3)."""
 
 from __future__ import annotations
 
