@@ -159,16 +159,14 @@ def train_row(name: str, out_dir: Path, tiny: bool, threads: int) -> None:
         Stage1Trainer(parse_config(part, FinetuneConfig, part["out"]), progress=not tiny).run(resume=True)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
-
-
 def row_result(name: str, out_dir: Path) -> dict | None:
     """Curve (train_s, CuPL CRA, scene CRA) and final figures of a finished row."""
-    cc = read_jsonl(out_dir / name / "cc" / "metrics.jsonl")
+    from llm2clip.data.jsonl import read_jsonl
+
     summary = out_dir / name / "cc" / "summary.json"
     if not summary.is_file():
         return None
+    cc = [rec for _, rec in read_jsonl(out_dir / name / "cc" / "metrics.jsonl")]
     final = json.loads(summary.read_text())
     pre = 0.0
     mntp = out_dir / name / "mntp" / "summary.json"

@@ -93,6 +93,8 @@ class Stage1Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.steps))
         self.step = 0
+        # training wall time: earlier processes' (from the checkpoint) + this one's since run(), evaluations excluded
+        self._train_s_before, self._t_start, self._eval_s = 0.0, None, 0.0
         self.trunk = None
         if not mntp and L.top_layers and cfg.contrastive.cache_trunk and L.top_layers < body.config.num_hidden_layers:
             self.trunk = TrunkCache(self.encoder, L.top_layers, autocast=self.autocast)
@@ -294,8 +296,8 @@ class Stage1Trainer:
     # ------------------------------------------------------------------------------ run
     def train_s(self) -> float:
         """Seconds spent training so far, by this process and the ones it resumed from (evaluations excluded)."""
-        here = time.perf_counter() - self._t_start - self._eval_s if hasattr(self, "_t_start") else 0.0
-        return getattr(self, "_train_s_before", 0.0) + here
+        here = 0.0 if self._t_start is None else time.perf_counter() - self._t_start - self._eval_s
+        return self._train_s_before + here
 
     def log(self, rec: dict) -> None:
         if self.rank == 0:
@@ -317,7 +319,6 @@ class Stage1Trainer:
             log.info("resumed from %s (step %d)", ck.name, self.step)
         elif self.rank == 0 and (self.out / "metrics.jsonl").exists():
             (self.out / "metrics.jsonl").unlink()
-        # train_s: wall time spent training (earlier processes' included), evaluations excluded
         self._t_start, self._eval_s = time.perf_counter(), 0.0
         t_start = self._t_start
         if self.trunk:
