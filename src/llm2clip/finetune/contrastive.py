@@ -52,6 +52,8 @@ def caption_contrastive_loss(
     """
     q = F.normalize(queries.float(), dim=-1)
     d = F.normalize(docs.float(), dim=-1)
+    # index tensors are built on the CPU by the batcher; the logits live where the model does
+    positive_index, query_groups, doc_groups = (t.to(q.device) for t in (positive_index, query_groups, doc_groups))
     rows = torch.arange(q.shape[0], device=q.device)
     logits = scale * q @ d.T
     if mask_same_group:
@@ -78,6 +80,8 @@ def distributed_contrastive_loss(q_local, docs_local, pos_local, qg_local, dg_lo
     rank, size = world()
     if size == 1:
         return caption_contrastive_loss(q_local, docs_local, pos_local, qg_local, dg_local, **kw)
+    # NCCL gathers device tensors only
+    pos_local, qg_local, dg_local = (t.to(q_local.device) for t in (pos_local, qg_local, dg_local))
     docs = gather_with_grad(docs_local)
     doc_groups = gather_no_grad(dg_local)
     offset = rank * docs_local.shape[0]  # equal shapes on every rank
@@ -92,7 +96,7 @@ def distributed_contrastive_loss(q_local, docs_local, pos_local, qg_local, dg_lo
         rows = torch.arange(d.shape[0], device=d.device) + rank * q_local.shape[0]
         if kw.get("mask_same_group", True):
             same = qg_local[:, None] == q_groups[None, :]
-            same[torch.arange(d.shape[0]), rows] = False
+            same[torch.arange(d.shape[0], device=d.device), rows] = False
             back = back.masked_fill(same, float("-inf"))
         loss = (loss + F.cross_entropy(back, rows)) / 2
     return loss
@@ -147,15 +151,29 @@ def grad_cached_backward(
     states, parts = [], []
     with torch.no_grad():
         for c in chunks:
-            states.append(torch.get_rng_state())
+            states.append(rng_state())
             parts.append(embed(c))
     cached = torch.cat(parts).detach().requires_grad_(True)
     loss = loss_fn(cached)
     loss.backward()
     grads = cached.grad.split([p.shape[0] for p in parts])
-    after = torch.get_rng_state()
+    after = rng_state()
     for c, state, g in zip(chunks, states, grads):
-        torch.set_rng_state(state)
+        set_rng_state(state)
         embed(c).backward(g.to(parts[0].dtype))
-    torch.set_rng_state(after)
+    set_rng_state(after)
     return loss.detach()
+
+
+def rng_state() -> tuple:
+    """The CPU generator's state and, once CUDA is in use, every GPU's: dropout on a GPU draws from its
+    own generator, so replaying a chunk under the CPU state alone would drop other units."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)

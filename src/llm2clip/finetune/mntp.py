@@ -82,6 +82,7 @@ def mntp_evaluate(lm, tokenizer, blocks: Sequence[Sequence[int]], mask_id: int, 
                   probability: float = 0.2, batch_size: int = 8) -> dict:
     """Masked-token accuracy and perplexity on held-out blocks (fixed masking seed)."""
     g = torch.Generator().manual_seed(seed)
+    device = next(lm.parameters()).device
     total_loss, total_n, correct = 0.0, 0, 0.0
     vocab = lm.get_output_embeddings().weight.shape[0]
     for s in range(0, len(blocks), batch_size):
@@ -93,8 +94,8 @@ def mntp_evaluate(lm, tokenizer, blocks: Sequence[Sequence[int]], mask_id: int, 
             ids[i, : len(b)] = torch.tensor(b)
             tm[i, : len(b)] = True
         special = special_mask(tokenizer, ids) | ~tm
-        inputs, labels = mask_tokens(ids, special, mask_id, vocab, g, probability)
-        loss, m = mntp_loss(lm, inputs, labels, tm)
+        inputs, labels = mask_tokens(ids, special, mask_id, vocab, g, probability)  # masking drawn on the CPU
+        loss, m = mntp_loss(lm, inputs.to(device), labels.to(device), tm.to(device))
         if m["selected"]:
             total_loss += loss.item() * m["selected"]
             correct += m["masked_accuracy"] * m["selected"]

@@ -155,7 +155,8 @@ class HFTower(VisionTower):
         if cfg.path and load_weights:
             if not Path(cfg.path).exists() and cfg.path.startswith((".", "/")):
                 raise ConfigError(f"vision.path: {cfg.path}: directory not found")
-            self.model = model_cls.from_pretrained(cfg.path)
+            # fp32 master weights: transformers 5 would otherwise keep the checkpoint's stored dtype (often bf16)
+            self.model = model_cls.from_pretrained(cfg.path, dtype=torch.float32)
         elif cfg.path:  # architecture only; weights come from our checkpoint
             self.model = model_cls(cfg_cls.from_pretrained(cfg.path))
         elif cfg.config is not None:
