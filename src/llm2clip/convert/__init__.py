@@ -1,10 +1,22 @@
 """Import the released LLM2CLIP checkpoints; export ours to Hugging Face CLIP and ONNX.
 
 Key maps: docs/CHECKPOINTS.md. Command line: ``llm2clip convert ...`` and ``llm2clip export ...``.
+Names load on first use, so building the command line does not import torch for this package.
 """
 
-from .export import export_hf_vision, export_onnx
-from .official import VISION_PRESETS, convert_official_clip, convert_official_llm, load_state_dict, resolve_vision
+_EXPORTS = {
+    "export": ["export_hf_vision", "export_onnx"],
+    "official": ["VISION_PRESETS", "convert_official_clip", "convert_official_llm", "load_state_dict",
+                 "resolve_vision"],
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+__all__ = list(_WHERE)
 
-__all__ = ["convert_official_clip", "convert_official_llm", "export_hf_vision", "export_onnx", "load_state_dict",
-           "resolve_vision", "VISION_PRESETS"]
+
+def __getattr__(name):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)

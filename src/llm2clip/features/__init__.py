@@ -2,17 +2,23 @@
 
     store = FeatureStore.open("features/cc3m", identity=encoder.identity())
     vecs = store.get_by_ids(["img1/short", "img1/long"])      # np.ndarray [2, D]
+
+Names load on first use: readers of a store need only numpy, the job pulls in the text encoders
+(torch, transformers), and building the command line needs neither.
 """
 
-from .store import FeatureStore, IdentityMismatchError, StoreError, write_store
-
+_EXPORTS = {
+    "store": ["FeatureStore", "StoreError", "IdentityMismatchError", "write_store"],
+    "extract": ["EmbedConfig", "run_embedding", "load_embed_config", "read_captions"],
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = ["FeatureStore", "StoreError", "IdentityMismatchError", "write_store", "EmbedConfig", "run_embedding"]
 
 
 def __getattr__(name):
-    # The job pulls in the text encoders (torch, transformers); readers of a store need only numpy.
-    if name in ("EmbedConfig", "run_embedding", "load_embed_config", "read_captions"):
-        from . import extract
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-        return getattr(extract, name)
-    raise AttributeError(name)
+    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)

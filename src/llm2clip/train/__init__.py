@@ -1,7 +1,17 @@
 """Stage 2: train the vision tower against stored caption embeddings (loop, optimizer groups and layer
-decay, schedule, precision, checkpoints, distributed)."""
+decay, schedule, precision, checkpoints, distributed).
 
-from .config import RunConfig
-from .loop import fit
+Names load on first use, so building the command line does not import torch for this package."""
 
-__all__ = ["RunConfig", "fit"]
+_EXPORTS = {"config": ["RunConfig"], "loop": ["fit"]}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)
