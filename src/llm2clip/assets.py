@@ -52,20 +52,15 @@ def tiny_random_llama() -> Path:
     """A tiny random Llama (2 layers, width 32) with a word-level tokenizer that knows the generated
     scenes' words: the LLM of the pipeline's smoke preset. Built once into the cache, deterministically."""
     from .data.scenes import BACKGROUNDS, COLOURS, COLS, NUMBERS, ROWS, SHAPES, SIZES
+    from .fileio import building_dir
     from .text.tiny import make_tiny_llm
 
     path = cache_dir() / f"tiny-random-llama-v{TINY_LLAMA_VERSION}"
     if not (path / "config.json").is_file():
         words = [*SHAPES, *COLOURS, *BACKGROUNDS, *SIZES, *ROWS, *COLS, *NUMBERS, "shapes", "image", "shows",
                  "plain", "background", "there", "by", "colour", "them", "this", "of", "than", "same"]
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        make_tiny_llm(tmp, seed=0, extra_words=words)
-        try:
-            os.replace(tmp, path)
-        except OSError:  # another process built it first
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        with building_dir(path, keep_existing=True) as tmp:  # another process may build it first
+            make_tiny_llm(tmp, seed=0, extra_words=words)
     return path
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from . import __version__
 from .errors import Llm2ClipError
+
 
 def _add_eval_text(sub) -> None:
     p = sub.add_parser(
@@ -56,10 +55,9 @@ def _run_eval_text(args) -> int:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    from .fileio import write_json_atomic
+
+    write_json_atomic(path, obj)
 
 
 # Subcommands in --help order: this module's own, and the modules whose add_commands(sub) registers theirs.

@@ -12,8 +12,13 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+
+from .errors import ConfigError
 
 TMP_MARK = ".tmp-"
 
@@ -76,9 +81,126 @@ def remove_temp_files(folder: str | Path) -> int:
     """Delete temp files a killed writer left in ``folder``; returns how many."""
     n = 0
     for p in Path(folder).glob(f".*{TMP_MARK}*"):
-        p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)  # a temp folder of building_dir
+        else:
+            p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+# ------------------------------------------------------------------------------------------ folders
+# Files whose presence marks a folder as written by llm2clip (job record, model, encoder, conversion and
+# export records, webdataset shard list): only such a folder may be replaced by --force / --overwrite.
+JOB_RECORD = "llm2clip_job.json"
+OWN_RECORDS = (JOB_RECORD, "llm2clip_model.json", "llm2clip_encoder.json", "llm2clip_conversion.json",
+               "llm2clip_export.json", "llm2clip_onnx.json", "shards.json")
+
+
+class UnsafeOutputError(ConfigError):
+    """An output folder that must not be written or replaced."""
+
+
+def written_by_llm2clip(folder: str | Path) -> bool:
+    """True when ``folder`` holds one of ``OWN_RECORDS`` (a ``shards.json`` must carry our format)."""
+    folder = Path(folder)
+    for name in OWN_RECORDS:
+        p = folder / name
+        if not p.is_file():
+            continue
+        if name.startswith("llm2clip_"):
+            return True
+        try:
+            fmt = json.loads(p.read_text(encoding="utf-8")).get("format", "")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            continue
+        if isinstance(fmt, str) and fmt.startswith("llm2clip"):
+            return True
+    return False
+
+
+def _protected(path: Path) -> str | None:
+    """Why ``path`` may never be replaced: the working folder, home, or a folder above either."""
+    here, home = Path.cwd().resolve(), Path.home().resolve()
+    if path == here or here.is_relative_to(path):
+        return "it is the working folder or holds it"
+    if path == home or home.is_relative_to(path):
+        return "it is the home folder or holds it"
+    return None
+
+
+def prepare_output_dir(path: str | Path, replace: bool, flag: str = "--force",
+                       error: type[Exception] = UnsafeOutputError) -> Path:
+    """Check that a folder may be written as a whole: absent or empty, or (with ``replace``) one that
+    llm2clip wrote and that is not the working folder, home, or above either. Deletes nothing: the
+    caller builds beside it (``building_dir``) and the finished folder is swapped in."""
+    path = Path(path).expanduser()
+    if not path.exists() and not path.is_symlink():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+    if not path.is_dir():
+        raise error(f"{path}: exists and is not a folder; choose another output")
+    if not any(path.iterdir()):
+        return path
+    if not replace:
+        raise error(f"{path}: exists and is not empty (pass overwrite / {flag} to replace it)")
+    why = _protected(path.resolve())
+    if why:
+        raise error(f"{path}: refusing to replace it: {why}")
+    if not written_by_llm2clip(path):
+        raise error(f"{path}: refusing to replace it: not written by llm2clip (none of {', '.join(OWN_RECORDS)} "
+                    "in it); remove it yourself or choose another output")
+    return path
+
+
+def temp_dir(out: str | Path) -> Path:
+    """A fresh hidden folder beside ``out`` (same filesystem, so it can be renamed onto ``out``)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}", dir=out.parent))
+
+
+def publish_dir(tmp: str | Path, out: str | Path, keep_existing: bool = False) -> Path:
+    """Rename the finished folder ``tmp`` to ``out``. With ``keep_existing`` an ``out`` that appeared
+    meanwhile (another process built the same cache) wins and ``tmp`` is dropped; otherwise an existing
+    ``out`` (checked by ``prepare_output_dir``) is swapped aside first and then removed."""
+    tmp, out = Path(tmp), Path(out)
+    if out.exists() and keep_existing:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    old = None
+    if out.exists() or out.is_symlink():
+        old = out.with_name(f".{out.name}.old{TMP_MARK}{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        elif keep_existing and out.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return out
+        raise
+    fsync_dir(out.parent)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    return out
+
+
+@contextmanager
+def building_dir(out: str | Path, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside ``out``; when the block ends without error it becomes ``out``
+    (``publish_dir``), else it is removed. Readers never see a half-built ``out``."""
+    tmp = temp_dir(out)
+    try:
+        yield tmp
+        publish_dir(tmp, out, keep_existing=keep_existing)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -89,7 +211,7 @@ def image_errors() -> tuple[type[BaseException], ...]:
     return (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
-def open_image(source) -> "Image.Image":  # noqa: F821 - PIL is imported lazily
+def open_image(source) -> Image.Image:  # noqa: F821 - PIL is imported lazily
     """An RGB image from a path, bytes or a binary file object, decoded now (a truncated file fails here).
 
     Raises ``FileNotFoundError`` for a missing file and one of ``image_errors()`` for a bad one.

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ import yaml
 
 from ..config import StrictModel, load_config, parse_config
 from ..errors import ConfigError
+from ..fileio import prepare_output_dir, publish_dir, temp_dir
 from ..vision import VisionConfig
 from .keymaps import (
     VisionGeometry,
@@ -213,18 +213,14 @@ def _tower_target(tower, geometry: VisionGeometry, tower_sd: dict[str, torch.Ten
 
 
 def _fresh_dir(out: Path, overwrite: bool) -> Path:
-    """A temporary sibling of ``out`` to write into, renamed onto ``out`` when complete."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out}: exists and is not empty (pass overwrite / --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    """A temporary sibling of ``out`` to write into, renamed onto ``out`` by ``_finish_dir`` when complete.
+    ``overwrite`` replaces only a folder llm2clip wrote, never the working or home folder (fileio)."""
+    prepare_output_dir(out, overwrite, flag="--force", error=ConfigError)
+    return temp_dir(out)
 
 
 def _finish_dir(tmp: Path, out: Path) -> Path:
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return publish_dir(tmp, out)
 
 
 def convert_official_clip(ckpt: str | Path, out: str | Path, vision=None, caption_encoder: str | Path | None = None,
@@ -344,7 +340,7 @@ def convert_official_llm(src: str | Path, out: str | Path, name: str | None = No
     if not any(f.suffix in (".safetensors", ".bin") for f in weights):
         raise ConfigError(f"{src}: no weight files (*.safetensors or pytorch_model*.bin)")
     tmp = _fresh_dir(out, overwrite)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
+    stage = temp_dir(out)
     try:
         (stage / "config.json").write_text(json.dumps(config, indent=2))
         for f in weights:  # linked, not copied: the stage only fixes config.json

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Protocol, Sequence
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
-from pydantic import Field
 from PIL import Image
+from pydantic import Field
 
 from ..config import StrictModel
 from ..errors import InputError
+from ..fileio import image_errors, open_image
 from .jsonl import read_jsonl
 
 
@@ -175,9 +177,8 @@ def load_manifest(path: str | Path, image_root: str | Path | None = None) -> lis
 
 
 def load_image_file(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()  # decode now, so a truncated file fails here and is skipped
-        return im.convert("RGB")
+    """Decoded now, so a truncated file fails here (one of ``fileio.image_errors()``) and is skipped."""
+    return open_image(path)
 
 
 def caption_texts(records: Sequence[Record]) -> dict[str, str]:
@@ -251,7 +252,7 @@ class PairDataset(torch.utils.data.Dataset):
             i = (index + skipped) % len(self.records)
             try:
                 img = self._image(i, epoch)
-            except (OSError, ValueError, SyntaxError):  # what PIL raises for missing/corrupt/truncated files
+            except image_errors():  # missing, corrupt, truncated or oversized (decompression bomb) files
                 continue
             cap = self.choose_caption(i, epoch)
             if self.features is not None:

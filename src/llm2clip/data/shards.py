@@ -24,18 +24,18 @@ import hashlib
 import io
 import json
 import logging
-import os
 import shutil
 import tarfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..errors import ConfigError, InputError
+from ..fileio import image_errors, open_image, write_atomic, write_json_atomic
 from .images import Caption, Record
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 INDEX_FILE = "shards.json"
 INDEX_FORMAT = "llm2clip-shards/1"
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises for corrupt or truncated images
+_DECODE_ERRORS = image_errors()  # what PIL raises for corrupt, truncated or oversized images
 
 
 # ------------------------------------------------------------------------------------ shard lists
@@ -104,9 +104,8 @@ def _read(f, span: tuple[int, int]) -> bytes:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()  # decode now, so a corrupt image fails here and is skipped
-        return im.convert("RGB")
+    """Decoded now, so a corrupt image fails here (one of ``_DECODE_ERRORS``) and is skipped."""
+    return open_image(data)
 
 
 def _image_span(members: dict) -> tuple[int, int] | None:
@@ -359,8 +358,7 @@ def _image_bytes(image, load_image) -> tuple[bytes, str]:
         ext = Path(image).suffix.lower().lstrip(".")
         if ext in IMAGE_EXTS:
             return Path(image).read_bytes(), ext
-        with Image.open(image) as im:
-            im = im.convert("RGB")
+        im = open_image(image)
     elif load_image is None:
         raise InputError(f"record image {image!r} is not a file path; pass load_image")
     else:
@@ -410,7 +408,7 @@ def write_shards(records: Sequence[Record], out_dir: str | Path, per_shard: int 
     if part.exists() and (not jobfile.is_file() or json.loads(jobfile.read_text()) != job):
         shutil.rmtree(part)  # left by a run over other records: start over
     part.mkdir(parents=True, exist_ok=True)
-    jobfile.write_text(json.dumps(job))
+    write_json_atomic(jobfile, job, indent=None)
 
     shards, missing = [], []
     n_shards = -(-len(records) // per_shard)
@@ -421,24 +419,26 @@ def write_shards(records: Sequence[Record], out_dir: str | Path, per_shard: int 
         if final.is_file():  # finished by an earlier run (written atomically)
             shards.append({"url": name, "nsamples": len(index_shard(final))})
             continue
-        tmp = part / f".{name}.tmp"
-        n = 0
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for j, rec in enumerate(chunk):
-                try:
-                    data, ext = _image_bytes(rec.image, load_image)
-                except _DECODE_ERRORS:
-                    missing.append(str(rec.image))
-                    continue
-                key = f"{s * per_shard + j:09d}"
-                _tar_add(tf, f"{key}.{ext}", data)
-                _tar_add(tf, f"{key}.json", _sample_json(rec))
-                n += 1
-        os.replace(tmp, final)
-        shards.append({"url": name, "nsamples": n})
+        counted = [0]
+
+        def write_tar(f, chunk=chunk, s=s, counted=counted):
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+                for j, rec in enumerate(chunk):
+                    try:
+                        data, ext = _image_bytes(rec.image, load_image)
+                    except _DECODE_ERRORS:
+                        missing.append(str(rec.image))
+                        continue
+                    key = f"{s * per_shard + j:09d}"
+                    _tar_add(tf, f"{key}.{ext}", data)
+                    _tar_add(tf, f"{key}.json", _sample_json(rec))
+                    counted[0] += 1
+
+        write_atomic(final, write_tar)
+        shards.append({"url": name, "nsamples": counted[0]})
     total = sum(s["nsamples"] for s in shards)
     index = {"format": INDEX_FORMAT, "shards": shards, "samples": total, "left_out": len(records) - total}
-    (part / INDEX_FILE).write_text(json.dumps(index, indent=1))
+    write_json_atomic(part / INDEX_FILE, index, indent=1)
     jobfile.unlink()
     if out.exists():  # overwrite: swap the folders, then drop the old one
         old = out.parent / f".{out.name}.old"

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
-from ..errors import InputError, Llm2ClipError
+from ..errors import InputError
 
 EMBED_EPILOG = """\
 config (YAML; relative paths resolve against the config file's folder):
@@ -132,20 +131,10 @@ def _run_info(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llm2clip-features", description="llm2clip feature-store commands")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    add_commands(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="[llm2clip] %(message)s")
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return args.func(args)
-    except Llm2ClipError as err:
-        print(f"llm2clip: error: {err}", file=sys.stderr)
-        return 2
+    """The feature-store commands on their own (``embed``, ``features ...``): the package CLI serves them."""
+    from ..cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -16,18 +16,17 @@ directory a store: a killed job leaves no manifest, so nothing half-written is r
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
 from ..errors import InputError
-from ..hashing import file_sha256  # noqa: F401  (re-exported)
+from ..fileio import TMP_MARK, remove_temp_files, write_bytes_atomic  # noqa: F401  (re-exported)
+from ..hashing import file_sha256
 
 FORMAT = "llm2clip-feature-store"
 VERSION = 1
@@ -36,7 +35,6 @@ JOB_FILE = "embed-job.json"  # present while an extraction job is unfinished
 IDS_FILE = "ids.npy"
 ID_ROWS_FILE = "id_rows.npy"
 SUMS_FILE = "SHA256SUMS"
-TMP_MARK = ".tmp-"
 # Stored numpy dtype of each store dtype (bfloat16 as its raw 16 bits).
 STORAGE = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4")}
 
@@ -86,34 +84,6 @@ def from_storage(arr: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(arr)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # platforms without directory fds
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> str:
-    """Temp file, fsync, rename: readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return hashlib.sha256(data).hexdigest()
-
-
 def npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
@@ -125,16 +95,6 @@ def write_shard(out: Path, k: int, arr: np.ndarray) -> str:
     digest = write_bytes_atomic(out / shard_name(k), npy_bytes(arr))
     write_bytes_atomic(out / sidecar_name(k), f"{digest}  {shard_name(k)}\n".encode())
     return digest
-
-
-
-def remove_temp_files(out: Path) -> int:
-    """Leftovers of killed writers; never valid data."""
-    n = 0
-    for p in Path(out).glob(f".*{TMP_MARK}*"):
-        p.unlink(missing_ok=True)
-        n += 1
-    return n
 
 
 @dataclass(frozen=True)
@@ -228,7 +188,7 @@ def finalize_store(out: Path, layout: Layout, *, identity: dict, dim: int, dtype
 
 
 def write_store(out: str | Path, ids: Sequence[str], vectors, *, identity: dict, dtype: str = "float16",
-                shard_size: int = 8192) -> "FeatureStore":
+                shard_size: int = 8192) -> FeatureStore:
     """A store from vectors in memory, one row per id (for small sets, fixtures and tests)."""
     out = Path(out)
     arr = to_storage(vectors, dtype)
@@ -284,7 +244,7 @@ class FeatureStore:
 
     # ------------------------------------------------------------------------------- open
     @classmethod
-    def open(cls, path: str | Path, identity: dict | None = None, dim: int | None = None) -> "FeatureStore":
+    def open(cls, path: str | Path, identity: dict | None = None, dim: int | None = None) -> FeatureStore:
         """Open a finished store; with ``identity`` / ``dim``, refuse one made by another encoder."""
         path = Path(path)
         if not path.is_dir():

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import yaml
 
+from ..fileio import write_json_atomic
 from .config import ClipTeacher, LLMTeacher, PipelineConfig
-from .runner import fmt_duration, write_json_atomic
+from .runner import fmt_duration
 
 PACKAGES = ("llm2clip", "torch", "torchvision", "transformers", "peft", "open_clip_torch", "timm", "numpy",
             "safetensors", "tokenizers", "pydantic")

@@ -14,25 +14,20 @@ import datetime as _dt
 import hashlib
 import json
 import multiprocessing as mp
-import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+
+from ..fileio import write_json_atomic
 
 MANIFEST = "manifest.json"
 
 
 def stable_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def fmt_duration(s: float) -> str:
@@ -189,7 +184,7 @@ class Runner:
                     st = running.pop(f)
                     try:
                         result, seconds = f.result()
-                    except BaseException as err:  # noqa: BLE001 - re-raised below, after the others are recorded
+                    except BaseException as err:
                         failed = failed or err
                         continue
                     self._finish(st, result, seconds)
@@ -219,4 +214,4 @@ def _timed(fn, args):
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")

@@ -22,13 +22,14 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from ..errors import ConfigError, InputError
+from ..fileio import remove_temp_files, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,6 @@ def _faiss():
     import faiss
 
     return faiss
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    from ..features.store import write_bytes_atomic
-
-    write_bytes_atomic(path, data)
 
 
 # ------------------------------------------------------------------------------------ discovery
@@ -166,8 +161,6 @@ def _prepare(out: Path, root: Path, lm, chunk_size: int) -> tuple[list[str], lis
             what = "model" if "model" in diff else ", ".join(diff)
             raise ConfigError(f"{jf}: this index was started with another {what}; resume with the same "
                               "settings or choose a new --out")
-        from ..features.store import remove_temp_files
-
         remove_temp_files(out / CHUNK_DIR)
         now, _ = find_images(root, exclude=out)
         new = len(set(now) - set(plan))
@@ -181,8 +174,8 @@ def _prepare(out: Path, root: Path, lm, chunk_size: int) -> tuple[list[str], lis
     if not plan:
         raise InputError(f"{root}: no image files ({', '.join(IMAGE_EXTS)}) found")
     (out / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
-    _write_atomic(pf, "\n".join(plan + [f"\t{r}\t{why}" for r, why in bad]).encode("utf-8"))
-    _write_atomic(jf, (json.dumps(_job_record(lm, root, plan, chunk_size), indent=1) + "\n").encode())
+    write_bytes_atomic(pf, "\n".join(plan + [f"\t{r}\t{why}" for r, why in bad]).encode("utf-8"))
+    write_bytes_atomic(jf, (json.dumps(_job_record(lm, root, plan, chunk_size), indent=1) + "\n").encode())
     return plan, bad
 
 
@@ -269,7 +262,7 @@ def build_index(images_dir: str | Path, model, out: str | Path, *, hnsw: bool = 
                 emb = np.concatenate(emb_parts) if emb_parts else np.zeros((0, lm.embed_dim), np.float32)
                 data = _npz_bytes(emb=emb.astype(np.float32), ok=np.asarray(ok_rows, np.int64),
                                   bad=np.asarray(bad_rows, np.int64), reason=np.asarray(reasons, dtype=str))
-                _write_atomic(_chunk_path(out, k), data)
+                write_bytes_atomic(_chunk_path(out, k), data)
                 emb_parts, ok_rows, bad_rows, reasons = [], [], [], []
                 finished += 1
                 if stop_after_chunks is not None and finished >= stop_after_chunks:
@@ -295,16 +288,13 @@ def _finalize(out: Path, root: Path, lm, plan: list[str], skipped: list, n_chunk
     emb = np.concatenate(embs)
     index = _faiss_index(emb, settings["kind"] == "hnsw", settings.get("M", 32), settings.get("ef_construction", 80),
                          settings.get("ef_search", 64))
-    faiss = _faiss()
-    tmp = out / f".{FAISS_FILE}.tmp-{os.getpid()}"
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, out / FAISS_FILE)
-    _write_atomic(out / FILES_FILE, ("\n".join(files) + "\n").encode("utf-8"))
-    _write_atomic(out / SKIPPED_FILE, "".join(f"{r}\t{why}\n" for r, why in skipped).encode("utf-8"))
+    write_bytes_atomic(out / FAISS_FILE, _faiss().serialize_index(index).tobytes())
+    write_bytes_atomic(out / FILES_FILE, ("\n".join(files) + "\n").encode("utf-8"))
+    write_bytes_atomic(out / SKIPPED_FILE, "".join(f"{r}\t{why}\n" for r, why in skipped).encode("utf-8"))
     manifest = {"format": FORMAT, "model": {**lm.identity(), "path": str(lm.path)}, "images_dir": str(root),
                 "count": len(files), "skipped": len(skipped), "dim": int(emb.shape[1]), "index": settings,
                 "dtype": str(lm.dtype).removeprefix("torch."), "image_size": lm.image_size}
-    _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+    write_bytes_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
     shutil.rmtree(out / CHUNK_DIR, ignore_errors=True)
     for name in (JOB_FILE, PLAN_FILE):
         (out / name).unlink(missing_ok=True)
@@ -327,7 +317,7 @@ class ImageIndex:
         self.path, self.manifest, self.files, self.index = path, manifest, files, index
 
     @classmethod
-    def open(cls, path: str | Path) -> "ImageIndex":
+    def open(cls, path: str | Path) -> ImageIndex:
         faiss = _faiss()
 
         path = Path(path)

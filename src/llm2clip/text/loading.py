@@ -9,9 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from safetensors import safe_open
 
 from ..assets import cache_dir, resolve_model_alias
 from ..errors import ConfigError
+from ..fileio import building_dir
 from ..hashing import file_sha256 as _file_digest
 
 log = logging.getLogger(__name__)
@@ -54,19 +52,10 @@ def convert_gguf(gguf_path: Path, out_root: Path | None = None) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    with building_dir(out, keep_existing=True) as tmp:  # a concurrent conversion may win; it is kept
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "llm2clip_source.json").write_text(json.dumps({"gguf": gguf_path.name, "sha256_16": digest}))
-        if out.exists():  # a concurrent conversion won; keep it
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
