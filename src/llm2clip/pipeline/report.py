@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from ..fileio import markdown_table as _table
 from ..fileio import write_json_atomic
 from .config import ClipTeacher, LLMTeacher, PipelineConfig
 from .runner import fmt_duration
@@ -85,16 +86,17 @@ def _kind(t) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| variant | text teacher | dense % | scene CRA dense→short R@1 | CRA CuPL R@1 | short I2T R@1 | short T2I R@1 "
-            "| dense I2T R@1 | dense T2I R@1 | short R@5 | dense R@5 | zero-shot |")
-    lines = [head, "|" + "---|" * 3 + "---:|" * 9]
+    header = ["variant", "text teacher", "dense %", "scene CRA dense→short R@1", "CRA CuPL R@1", "short I2T R@1",
+              "short T2I R@1", "dense I2T R@1", "dense T2I R@1", "short R@5", "dense R@5", "zero-shot"]
+    body = []
     for r in rows:
         cra_s = f"{_f(r['cra_scenes'])} ({r['cra_scenes_pool']})" if r["cra_scenes"] is not None else "–"
         cra_c = f"{_f(r['cra_cupl'])} ({r['cra_cupl_pool']})" if r["cra_cupl"] is not None else "–"
-        lines.append(f"| {r['variant']} | {r['label']} | {round(r['dense'] * 100)} | {cra_s} | {cra_c} | "
-                     f"{_f(r['short_i2t'])} | {_f(r['short_t2i'])} | {_f(r['dense_i2t'])} | {_f(r['dense_t2i'])} | "
-                     f"{_f(r['short_R5'])} | {_f(r['dense_R5'])} | {_f(r['zeroshot_top1']) if r['zeroshot_top1'] is not None else 'n/a'} |")
-    return "\n".join(lines)
+        zs = _f(r["zeroshot_top1"]) if r["zeroshot_top1"] is not None else "n/a"
+        body.append([r["variant"], r["label"], round(r["dense"] * 100), cra_s, cra_c, _f(r["short_i2t"]),
+                     _f(r["short_t2i"]), _f(r["dense_i2t"]), _f(r["dense_t2i"]), _f(r["short_R5"]), _f(r["dense_R5"]),
+                     zs])
+    return _table(header, body, align="l" * 3 + "r" * 9)
 
 
 def check_claims(cfg: PipelineConfig, rows: list[dict]) -> list[dict]:
