@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from stage2_helpers import tiny_run_config
+from tiny import make_tiny_llm
 
 import llm2clip
 from llm2clip.config import parse_config
@@ -20,8 +22,6 @@ from llm2clip.model import LLM2CLIP
 from llm2clip.train.config import RunConfig
 from llm2clip.train.loop import build_features, build_source, fit
 from llm2clip.vision import build_transform
-from stage2_helpers import tiny_run_config
-from tiny import make_tiny_llm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_encode_text_and_image_equal_the_training_path_bow(bow_run):
     assert torch.allclose(m.encode_image(pil), want_i, atol=1e-5)
     sim = m.similarity(got_t[:4], got_t)
     assert torch.allclose(sim, want_t[:4] @ want_t.T, atol=1e-5)
-    mb = llm2clip.load(bow_run.run_dir, dtype="bf16")  # bf16 weights: float32 outputs close to fp32
+    mb = llm2clip.load(bow_run.run_dir, precision="bf16")  # bf16 weights: float32 outputs close to fp32
     assert mb.model.head.weight.dtype == torch.bfloat16
     assert (mb.encode_image(imgs) * want_i).sum(-1).min() > 0.99
     assert (mb.encode_text(texts) * want_t).sum(-1).min() > 0.99
@@ -119,8 +119,8 @@ def test_input_errors_name_the_item(bow_run, tmp_path):
         m.encode_text(["ok", "  "])
     with pytest.raises(InputError, match="text 0: expected a string"):
         m.encode_text([3])
-    with pytest.raises(ConfigError, match="dtype"):
-        llm2clip.load(bow_run.run_dir, dtype="int8")
+    with pytest.raises(ConfigError, match="precision"):
+        llm2clip.load(bow_run.run_dir, precision="int8")
 
 
 def _pil():
@@ -159,6 +159,66 @@ def test_model_without_an_encoder_record_asks_for_one(bow_run, tmp_path):
                           llm2clip.load(src).encode_text(["a red circle"]), atol=1e-6)
 
 
+def _strip_encoder_record(model_dir: Path) -> None:
+    mf = model_dir / "llm2clip_model.json"
+    manifest = json.loads(mf.read_text())
+    del manifest["caption_encoder"]
+    mf.write_text(json.dumps(manifest))
+
+
+def test_encoder_found_only_by_the_run_config_loads_as_eval_loads_it(bow_run, tmp_path):
+    """The caption encoder recorded only in the run config (or its feature store) beside run_dir/model:
+    llm2clip.load finds it as `llm2clip eval` does, and both give the same text embeddings."""
+    from llm2clip.eval.checkpoint import load_eval_model
+
+    run = shutil.copytree(bow_run.run_dir, tmp_path / "run")
+    _strip_encoder_record(run / "model")
+    texts = ["a red circle on a black background", "two blue squares and a green triangle", "a dog"]
+    want = llm2clip.load(bow_run.run_dir, device="cpu").encode_text(texts)
+
+    m = llm2clip.load(run, device="cpu")  # data.features.encoder of run/config.json
+    assert m.encoder_source.endswith("config.json: data.features.encoder")
+    ev = load_eval_model(run / "model", device="cpu")
+    assert ev.identity()["caption_encoder"]["source"] == m.encoder_source
+    assert torch.allclose(m.encode_text(texts), want, atol=1e-6)
+    assert torch.allclose(ev.encode_text(texts), m.encode_text(texts), atol=1e-6)
+    imgs = torch.rand(3, 3, m.image_size, m.image_size)
+    assert torch.allclose(ev.encode_image(imgs), m.encode_image(imgs), atol=1e-6)
+
+    # a run trained from a feature store: the store's manifest names the encoder
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "manifest.json").write_text(json.dumps({"encoder": {"kind": "bow", "dim": 24}}))
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["data"]["features"] = {"store": str(store)}
+    (run / "config.json").write_text(json.dumps(cfg))
+    m = llm2clip.load(run / "model", device="cpu")
+    assert m.encoder_source == f"{store / 'manifest.json'}: encoder"
+    assert torch.allclose(m.encode_text(texts), want, atol=1e-6)
+    assert torch.allclose(load_eval_model(run, device="cpu").encode_text(texts), want, atol=1e-6)
+    # an explicit encoder still comes first, and a wrong one found by the fallback is refused at load
+    assert llm2clip.load(run, caption_encoder="bow:dim=24").encoder_source == "given: bow:dim=24"
+    (store / "manifest.json").write_text(json.dumps({"encoder": {"kind": "bow", "dim": 24, "seed": 5}}))
+    with pytest.raises(ConfigError, match=r"seed.*\[caption encoder from .*manifest.json: encoder\]"):
+        llm2clip.load(run)
+
+
+def test_device_default_and_the_deprecated_dtype_name(bow_run):
+    from llm2clip.api import DEFAULT_DEVICE, resolve_device
+
+    assert DEFAULT_DEVICE == "auto"
+    m = llm2clip.load(bow_run.run_dir)
+    assert m.device == resolve_device("auto")
+    with pytest.warns(DeprecationWarning, match="use precision="):
+        mb = llm2clip.load(bow_run.run_dir, device="cpu", dtype="bfloat16")
+    assert mb.dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="precision= only"):
+        llm2clip.load(bow_run.run_dir, precision="fp32", dtype="bf16")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            llm2clip.load(bow_run.run_dir, device="cuda")
+
+
 def test_tiny_llm_in_memory_encoder_matches_training(tmp_path, tiny_llm_dir):
     # max_length 256: dense captions (up to 150 words) are encoded whole, far past CLIP's 77 tokens
     enc = {"kind": "llm", "model": str(tiny_llm_dir), "max_length": 256, "batch_size": 8}
@@ -172,7 +232,7 @@ def test_tiny_llm_in_memory_encoder_matches_training(tmp_path, tiny_llm_dir):
     assert max(len(t.split()) for t in texts) > 77
     assert not any(t.truncated for t in m.caption_encoder.tokenize(texts))
     # bf16 (model and LLM): close to fp32, same ranking of the captions for each caption
-    mb = llm2clip.load(cfg.run_dir, dtype="bfloat16")
+    mb = llm2clip.load(cfg.run_dir, precision="bfloat16")
     assert next(mb.caption_encoder.model.parameters()).dtype == torch.bfloat16
     got = mb.encode_text(texts)
     assert got.dtype == torch.float32
@@ -235,3 +295,24 @@ def test_import_llm2clip_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     with pytest.raises(AttributeError):
         llm2clip.nothing_here  # noqa: B018
+
+
+def test_one_encoder_spec_parser(tmp_path):
+    from llm2clip.data.images import BagOfWordsConfig
+    from llm2clip.text.config import RandomEncoderConfig
+    from llm2clip.text.specs import parse_caption_encoder_spec, parse_encoder_spec
+
+    bow = parse_encoder_spec("bow:dim=24,seed=2", caption=True)
+    assert isinstance(bow, BagOfWordsConfig) and (bow.dim, bow.seed) == (24, 2)
+    assert parse_caption_encoder_spec({"kind": "bow", "dim": 24}) == BagOfWordsConfig(dim=24)
+    assert parse_caption_encoder_spec(bow) is bow
+    assert isinstance(parse_caption_encoder_spec("random:dim=8"), RandomEncoderConfig)
+    yml = tmp_path / "enc.yaml"
+    yml.write_text("encoder:\n  kind: bow\n  dim: 12\n")
+    assert parse_caption_encoder_spec(str(yml)).dim == 12
+    with pytest.raises(ConfigError, match="unknown encoder 'bow'"):
+        parse_encoder_spec("bow")  # `llm2clip encode` builds text encoders only
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_caption_encoder_spec("bow:24")
+    with pytest.raises(ConfigError, match="caption_encoder.*dim"):
+        parse_caption_encoder_spec({"kind": "bow", "dim": "big"}, "caption_encoder")

@@ -1,20 +1,32 @@
 """Inference: ``llm2clip.load(path)`` gives a model ready to embed images and texts.
 
     import llm2clip
-    m = llm2clip.load("runs/stage2-scenes/model")                 # device="cuda", dtype="bfloat16" on a GPU
+    m = llm2clip.load("runs/stage2-scenes/model")                 # on the GPU when there is one
+    m = llm2clip.load("runs/stage2-scenes/model", device="cpu", precision="bf16")
     img = m.encode_image(["a.png", "b.jpg"])                        # [2, E] float32, L2-normalised
     txt = m.encode_text(["a long, dense description ...", "a dog"]) # the LLM's context, not 77 tokens
     m.similarity(img, txt)                                          # cosine [2, 2]; scale=True: CLIP logits
 
-The caption encoder is rebuilt from what stage 2 recorded in the model's manifest (``caption_encoder``:
-the config of the encoder that made the training embeddings) and checked against the pinned
-``text_identity``; ``caption_encoder=`` overrides it. Models with the CLIP text tower use its tokenizer.
+This is the package's one model loader: ``llm2clip eval``, ``llm2clip index`` / ``search``, the
+pipeline and export all load saved models through it. The caption encoder (raw captions -> the
+embeddings the adapter reads) is found by :func:`find_caption_encoder`, first match wins:
+
+1. ``caption_encoder=``: a built encoder, a config, a dict or a spec ('smollm2', 'bow:dim=24',
+   'runs/x/encoder', a YAML file);
+2. the model's manifest (``caption_encoder``: the config of the encoder behind the training embeddings);
+3. the run config beside ``run_dir/model`` (``run_dir/config.json``): ``data.features.encoder``;
+4. the feature store that config names: the ``encoder`` of its ``manifest.json``.
+
+Its identity is checked against the ``text_identity`` the manifest pins. Models with the CLIP text
+tower use its tokenizer.
 """
 
 from __future__ import annotations
 
+import json
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -24,44 +36,109 @@ from tqdm.auto import tqdm
 from .errors import ConfigError, InputError, Llm2ClipError
 from .hashing import file_sha256
 
+DEFAULT_DEVICE = "auto"  # the GPU when there is one, else the CPU
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 _LLM_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_SHORT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+MANIFEST_ENCODER_KEY = "caption_encoder"
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
+    """A precision name (fp32, bf16, fp16, float32, bfloat16, float16), a torch dtype, or None."""
     if dtype is None or isinstance(dtype, torch.dtype):
         if isinstance(dtype, torch.dtype) and dtype not in _LLM_DTYPE_NAMES:
-            raise ConfigError(f"dtype: {dtype} is not one of float32, bfloat16, float16")
+            raise ConfigError(f"precision: {dtype} is not one of float32, bfloat16, float16")
         return dtype
     try:
         return DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ConfigError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}") from None
+        raise ConfigError(f"precision (dtype): {dtype!r} is not one of {', '.join(DTYPES)}") from None
 
+
+def precision_name(precision) -> str:
+    """The short name (fp32, bf16, fp16) of a precision; None is fp32."""
+    return _SHORT_NAMES[resolve_dtype(precision) or torch.float32]
+
+
+def resolve_device(device: str | torch.device | None = DEFAULT_DEVICE) -> torch.device:
+    """'auto' (or None): CUDA when available, else the CPU; a CUDA device where there is none is an error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InputError(f"device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device}: CUDA is not available here")
+    return dev
+
+
+def _precision_arg(precision, dtype, where: str = "llm2clip.load"):
+    """``precision``, or the deprecated ``dtype=`` spelling of it."""
+    if dtype is None:
+        return precision
+    if precision is not None:
+        raise ConfigError(f"{where}: give precision= only (dtype= is its deprecated name)")
+    warnings.warn(f"{where}: dtype= is deprecated; use precision=", DeprecationWarning, stacklevel=3)
+    return dtype
 
 
 # ------------------------------------------------------------------------------ caption encoder
-def _encoder_config(spec, where: str):
-    """A validated caption-encoder config from a dict (a manifest record), a spec string or a config."""
-    from pydantic import BaseModel
+def read_manifest(model_dir: str | Path) -> dict:
+    """The saved model's ``llm2clip_model.json``, as a dict."""
+    from .model import MODEL_MANIFEST
 
-    if isinstance(spec, BaseModel):
-        return spec
-    if isinstance(spec, (str, Path)):
-        from .text.specs import parse_encoder_spec
+    mf = Path(model_dir) / MODEL_MANIFEST
+    if not mf.is_file():
+        raise ConfigError(f"{model_dir}: no {MODEL_MANIFEST}; not a saved LLM2CLIP model; give run_dir/model")
+    try:
+        return json.loads(mf.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{mf}: not valid JSON: {err}") from None
 
-        return parse_encoder_spec(str(spec))
-    if isinstance(spec, dict):
-        from .config import StrictModel, parse_config
-        from .train.config import CaptionEncoderConfig
 
-        class _Record(StrictModel):
-            caption_encoder: CaptionEncoderConfig
+def run_config(model_dir: str | Path) -> tuple[dict | None, Path]:
+    """The stage-2 run config beside a run's model folder (run_dir/config.json), if any, and its path."""
+    model_dir = Path(model_dir)
+    path = model_dir.parent / "config.json"
+    if model_dir.name != "model" or not path.is_file():
+        return None, path
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), path
+    except json.JSONDecodeError:
+        return None, path
 
-        return parse_config({"caption_encoder": spec}, _Record, where).caption_encoder
-    raise ConfigError(f"{where}: caption_encoder must be an encoder, a config, a dict or a spec string, "
-                      f"not {type(spec).__name__}")
+
+def find_caption_encoder(model_dir: str | Path, manifest: dict | None = None, override=None):
+    """(encoder or config, where it came from) of the caption encoder a saved model needs for raw
+    captions, or (None, None) when none is recorded anywhere (see the module docstring for the order)."""
+    from .text.specs import parse_caption_encoder_spec
+
+    model_dir = Path(model_dir)
+    if override is not None:
+        if _is_encoder(override):
+            return override, "given (object)"
+        return parse_caption_encoder_spec(override, "caption_encoder"), f"given: {override}"
+    manifest = read_manifest(model_dir) if manifest is None else manifest
+    entry = manifest.get(MANIFEST_ENCODER_KEY)
+    if isinstance(entry, dict):
+        cfg = entry if "kind" in entry else entry.get("config", entry)
+        where = f"{model_dir}: manifest {MANIFEST_ENCODER_KEY}"
+        return parse_caption_encoder_spec(dict(cfg), where), where
+    cfg, path = run_config(model_dir)
+    feats = ((cfg or {}).get("data") or {}).get("features") or {}
+    if feats.get("encoder"):
+        where = f"{path}: data.features.encoder"
+        return parse_caption_encoder_spec(dict(feats["encoder"]), where), where
+    if feats.get("store"):
+        store_mf = Path(feats["store"]) / "manifest.json"
+        if store_mf.is_file():
+            enc = json.loads(store_mf.read_text(encoding="utf-8")).get("encoder")
+            if isinstance(enc, dict):
+                where = f"{store_mf}: encoder"
+                return parse_caption_encoder_spec(dict(enc), where), where
+    return None, None
 
 
 def _with_runtime(cfg, device: str, dtype: torch.dtype | None):
@@ -106,13 +183,16 @@ class LoadedModel:
     """
 
     def __init__(self, model, path: Path | None, device: torch.device, dtype: torch.dtype,
-                 caption_encoder=None, encoder_dtype: torch.dtype | None = None):
+                 caption_encoder=None, encoder_dtype: torch.dtype | None = None, encoder_source: str | None = None,
+                 manifest: dict | None = None):
         from .vision import build_transform
 
         self.model, self.path, self.device, self.dtype = model, path, device, dtype
         v = model.visual
         self.image_size = int(v.image_size)
         self.transform = build_transform(v.image_size, v.mean, v.std, train=False)
+        self.manifest = manifest  # the saved model's llm2clip_model.json (None in memory)
+        self.encoder_source = encoder_source  # where the caption encoder came from (find_caption_encoder)
         self._encoder_dtype = encoder_dtype
         self._encoder_spec = caption_encoder  # an encoder, a config, or None: built on first use
         self._identity: dict | None = None
@@ -139,7 +219,8 @@ class LoadedModel:
         try:
             self.model.attach_caption_encoder(encoder)
         except ConfigError as err:
-            raise ConfigError(f"{self._where()}: {err}") from None
+            source = f" [caption encoder from {self.encoder_source}]" if self.encoder_source else ""
+            raise ConfigError(f"{self._where()}: {err}{source}") from None
 
     @property
     def caption_encoder(self):
@@ -150,8 +231,9 @@ class LoadedModel:
             spec = self._encoder_spec
             if spec is None:
                 raise ConfigError(
-                    f"{self._where()}: the model does not record its caption encoder (it was trained from a feature "
-                    "store without an encoder record, or saved before llm2clip recorded it); pass "
+                    f"{self._where()}: the model does not record its caption encoder, nor does a run config "
+                    "beside it (it was trained from a feature store without an encoder record, or saved before "
+                    "llm2clip recorded it); pass "
                     "caption_encoder= to llm2clip.load (a spec such as 'smollm2', an encoder config, or an encoder)")
             from .data.images import build_caption_encoder
 
@@ -159,7 +241,8 @@ class LoadedModel:
                 encoder = build_caption_encoder(_with_runtime(spec, str(self.device), self._encoder_dtype))
             except (OSError, ImportError, ValueError, Llm2ClipError) as err:
                 raise ConfigError(f"{self._where()}: cannot rebuild the caption encoder "
-                                  f"{spec.model_dump(mode='json')}: {err}; pass caption_encoder= to llm2clip.load") from err
+                                  f"{spec.model_dump(mode='json')}: {err}; "
+                                  "pass caption_encoder= to llm2clip.load") from err
             self._attach(encoder)
         return self.model.caption_encoder
 
@@ -178,17 +261,17 @@ class LoadedModel:
         """A PIL image from a PIL image or a path; a missing or unreadable file is an InputError naming it."""
         from PIL import Image
 
+        from .fileio import image_errors, open_image
+
         if isinstance(item, Image.Image):
             return item
         if isinstance(item, (str, Path)):
-            from .data.images import load_image_file
-
             p = Path(item)
             if not p.is_file():
                 raise InputError(f"{p}: image file not found")
             try:
-                return load_image_file(str(p))
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                return open_image(p)
+            except image_errors() as err:
                 raise InputError(f"{p}: cannot read the image: {err}") from None
         raise InputError(f"{where}: expected a PIL image or a file path, got {type(item).__name__}")
 
@@ -257,7 +340,8 @@ class LoadedModel:
         a, b = (F.normalize(torch.as_tensor(np.asarray(e, dtype=np.float32) if not isinstance(e, torch.Tensor) else e)
                             .float().cpu(), dim=-1) for e in (image_emb, text_emb))
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-            raise InputError(f"similarity needs [N, E] and [M, E] embeddings, got {tuple(a.shape)} and {tuple(b.shape)}")
+            raise InputError(f"similarity needs [N, E] and [M, E] embeddings, "
+                             f"got {tuple(a.shape)} and {tuple(b.shape)}")
         sim = a @ b.T
         if scale:
             sim = sim * float(self.model.logit_scale.detach().float().exp())
@@ -279,38 +363,73 @@ class LoadedModel:
         return dict(self._identity)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype=None, caption_encoder=None,
-         lazy_text: bool = False) -> LoadedModel:
-    """A saved LLM2CLIP model folder (``run_dir/model``) ready for inference.
+def load(path: str | Path, device: str | torch.device = DEFAULT_DEVICE, precision=None, caption_encoder=None,
+         lazy_text: bool = False, *, dtype=None) -> LoadedModel:
+    """A saved LLM2CLIP model folder (``run_dir/model``, or the run folder) ready for inference.
 
-    device: "cpu", "cuda", "cuda:1", ...; dtype: None/"float32" or "bfloat16"/"float16" for the model,
-    and for the LLM caption encoder when given (None keeps the dtype it was recorded with).
+    device: "auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:1", ...
+    precision: None/"fp32" or "bf16"/"fp16" (also "float32", "bfloat16", "float16", a torch dtype) for the
+    model's weights, and for the LLM caption encoder when given (None keeps the dtype it was recorded with);
+    ``dtype=`` is its deprecated name.
     caption_encoder: overrides the recorded one: a spec ('smollm2', 'runs/x/encoder', a YAML file), a config,
-    a dict, or a built encoder; its identity must match the model's. lazy_text: build the caption encoder
-    on the first ``encode_text`` (image-only work never loads the LLM).
+    a dict, or a built encoder; its identity must match the model's. Without it the encoder is looked up as
+    the module docstring says. lazy_text: build the caption encoder on the first ``encode_text``
+    (image-only work never loads the LLM).
     """
-    from .model import MODEL_MANIFEST, LLM2CLIP
+    from .model import LLM2CLIP, MODEL_MANIFEST
 
-    path = Path(path)
+    precision = _precision_arg(precision, dtype)
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"{path}: model folder not found")
     if not (path / MODEL_MANIFEST).is_file() and (path / "model" / MODEL_MANIFEST).is_file():
         path = path / "model"  # a run folder
-    dev = torch.device(device)
-    dt = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    dt = resolve_dtype(precision)
+    manifest = read_manifest(path)
     model = LLM2CLIP.load(path, map_location="cpu")
     model.to(device=dev, dtype=dt or torch.float32)
-    where = f"{path}/{MODEL_MANIFEST}: caption_encoder"
     if not model.uses_adapter:
         if caption_encoder is not None:
             raise ConfigError(f"{path}: this model has the CLIP text tower (its own tokenizer); "
                               "it takes no caption_encoder")
-        spec = None
-    elif caption_encoder is not None:
-        spec = caption_encoder if _is_encoder(caption_encoder) else _encoder_config(caption_encoder, "caption_encoder")
-    elif model.caption_encoder_config is not None:
-        spec = _encoder_config(model.caption_encoder_config, where)
+        spec, source = None, None
     else:
-        spec = None
-    out = LoadedModel(model, path.resolve(), dev, dt or torch.float32, spec, dt)
+        spec, source = find_caption_encoder(path, manifest, caption_encoder)
+    out = LoadedModel(model, path.resolve(), dev, dt or torch.float32, spec, dt, source, manifest)
     if not lazy_text and spec is not None:
         out.caption_encoder  # noqa: B018  (build and identity-check now, so errors come at load)
+    return out
+
+
+def wrap(model, device: str | torch.device = DEFAULT_DEVICE, precision=None, caption_encoder=None,
+         lazy_text: bool = False) -> LoadedModel:
+    """An in-memory LLM2CLIP model (e.g. straight from training) as a LoadedModel, moved to ``device``
+    (and cast to ``precision`` when given). Its caption encoder: ``caption_encoder``, else the one
+    attached to it, else the config it records (``caption_encoder_config``)."""
+    from .text.specs import parse_caption_encoder_spec
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(precision)
+    if dt is None:
+        model.to(dev)
+    else:
+        model.to(device=dev, dtype=dt)
+    model.eval()
+    spec, source = None, None
+    if model.uses_adapter:
+        if caption_encoder is not None:
+            spec, source = (caption_encoder, "given (object)") if _is_encoder(caption_encoder) else (
+                parse_caption_encoder_spec(caption_encoder, "caption_encoder"), f"given: {caption_encoder}")
+        elif model.caption_encoder is not None:
+            spec, source = model.caption_encoder, "attached"
+        elif getattr(model, "caption_encoder_config", None):
+            spec = parse_caption_encoder_spec(dict(model.caption_encoder_config), "model caption_encoder_config")
+            source = "model caption_encoder_config"
+    elif caption_encoder is not None:
+        raise ConfigError("this model has the CLIP text tower (its own tokenizer); it takes no caption_encoder")
+    weights_dtype = dt or next(model.parameters()).dtype
+    out = LoadedModel(model, None, dev, weights_dtype, spec, dt, source)
+    if not lazy_text and spec is not None:
+        out.caption_encoder  # noqa: B018
     return out
