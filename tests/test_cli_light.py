@@ -39,12 +39,9 @@ def test_package_names_still_resolve():
     # The lazy package __init__s keep every public name reachable (and unknown names an AttributeError).
     import importlib
 
-    import pytest
-
     for pkg in ("pipeline", "train", "vision", "convert", "text", "features", "eval", "search"):
         mod = importlib.import_module(f"llm2clip.{pkg}")
         for name in mod.__all__:
             if name != "add_commands":
                 assert getattr(mod, name) is not None, (pkg, name)
-        with pytest.raises(AttributeError):
-            getattr(mod, "no_such_name")
+        assert not hasattr(mod, "no_such_name")  # an AttributeError, as before

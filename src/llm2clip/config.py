@@ -3,6 +3,10 @@
 A config is a pydantic model with ``extra="forbid"``: an unknown field, a wrong type or a
 bad value is reported with the file, the line and the dotted field name before any work
 starts.
+
+Paths: a relative path in a config file is relative to the folder of that file, whatever the working
+directory (so a config travels with its data). A config built in code, and a value set after loading
+(a command-line override such as ``--run-dir``), is used as given: relative to the working directory.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ def parse_config(data: Any, cls: type[T], source: str = "<config>", root: yaml.N
         raise ConfigError(format_validation_error(err, source, root)) from None
 
 
-def load_config(path: str | Path, cls: type[T]) -> T:
+def load_config(path: str | Path, cls: type[T], base: str | Path | None = None) -> T:
+    """The config in ``path``, its relative paths resolved against ``base`` (default: the file's folder)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -80,20 +85,33 @@ def load_config(path: str | Path, cls: type[T]) -> T:
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}:1: the config must be a mapping of fields, got {type(data).__name__}")
     cfg = parse_config(data, cls, str(path), root)
-    _resolve_paths(cfg, path.parent)
+    resolve_config_paths(cfg, path.parent if base is None else Path(base))
     return cfg
 
 
-def _resolve_paths(cfg: BaseModel, base: Path) -> None:
-    """Relative paths in a config are relative to the config file, so configs travel.
+def resolve_path(p: str | None, base: Path) -> str | None:
+    """``p`` relative to ``base`` unless absolute (``~`` expanded); None stays None."""
+    if p is None:
+        return None
+    q = Path(p).expanduser()
+    return str(q if q.is_absolute() else Path(base) / q)
 
-    Every nested config with a ``resolve_paths(base)`` method fixes its own path fields.
+
+def resolve_config_paths(cfg: BaseModel, base: Path) -> None:
+    """Resolve the relative paths of a loaded config against ``base``, each exactly once.
+
+    A config with a ``resolve_paths(base)`` method fixes its own path fields and those of the configs
+    inside it (resolving one twice would put the folder in front twice); one without is walked into,
+    through lists and dict values too.
     """
     hook = getattr(cfg, "resolve_paths", None)
     if callable(hook):
         hook(base)
+        return
     for name in type(cfg).model_fields:
         value = getattr(cfg, name)
-        for item in value if isinstance(value, (list, tuple)) else [value]:
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
             if isinstance(item, BaseModel):
-                _resolve_paths(item, base)
+                resolve_config_paths(item, base)
+

@@ -1,4 +1,5 @@
-"""The stage-1 config: `llm2clip finetune-text CONFIG`."""
+"""The stage-1 config: `llm2clip finetune-text CONFIG`. Relative paths in the file (out, data, eval
+groups, the encoder's local model and adapters) are relative to its folder (llm2clip.config)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..config import StrictModel
+from ..config import StrictModel, resolve_path
 from ..text.config import LLMEncoderConfig
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -31,13 +32,14 @@ class DataSettings(StrictModel):
     heldout_text_fraction: float = Field(0.05, ge=0, lt=1, description="MNTP: share of blocks held out for eval")
 
     def resolve_paths(self, base: Path) -> None:
-        self.groups = [str(base / p) if not Path(p).is_absolute() else p for p in self.groups]
-        self.text = [str(base / p) if not Path(p).is_absolute() else p for p in self.text]
+        self.groups = [resolve_path(p, base) for p in self.groups]
+        self.text = [resolve_path(p, base) for p in self.text]
 
 
 class ContrastiveSettings(StrictModel):
     batch_size: int = Field(64, ge=2, description="pairs per step, over all processes")
-    chunk_size: int | None = Field(None, ge=1, description="gradient caching: sequences per forward (None: all at once)")
+    chunk_size: int | None = Field(None, ge=1, description=(
+        "gradient caching: sequences per forward (None: all at once)"))
     bucket_ratio: float | None = Field(1.25, ge=1, description=(
         "one forward per length bucket (longest at most this times the shortest), so short captions "
         "are not padded to the dense ones' length (None: one padded forward)"))
@@ -81,13 +83,14 @@ class EvalSettings(StrictModel):
     doc_kind: str = "short"
 
     def resolve_paths(self, base: Path) -> None:
-        self.groups = [str(base / p) if not Path(p).is_absolute() else p for p in self.groups]
+        self.groups = [resolve_path(p, base) for p in self.groups]
 
 
 class FinetuneConfig(StrictModel):
     objective: Literal["contrastive", "mntp"] = "contrastive"
     encoder: LLMEncoderConfig
-    out: str = Field(description="run folder (relative to the working directory): checkpoints, metrics.jsonl, adapter/, encoder/")
+    out: str = Field(description="run folder (relative to the config file's folder): checkpoints, metrics.jsonl, "
+                                 "adapter/, encoder/")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     contrastive: ContrastiveSettings = Field(default_factory=ContrastiveSettings)
@@ -102,3 +105,9 @@ class FinetuneConfig(StrictModel):
         if self.objective == "mntp" and not (self.data.text or self.data.cupl_train or self.data.groups):
             raise ValueError("mntp needs text: data.text, data.groups or data.cupl_train")
         return self
+
+    def resolve_paths(self, base: Path) -> None:
+        self.out = resolve_path(self.out, base)
+        self.encoder.resolve_paths(base)
+        self.data.resolve_paths(base)
+        self.eval.resolve_paths(base)

@@ -1,13 +1,16 @@
-"""The config of `llm2clip run`: the whole method, and the text-teacher comparison, from one file."""
+"""The config of `llm2clip run`: the whole method, and the text-teacher comparison, from one file.
+
+Relative paths in the file (run_dir, the LLM's and the teachers' local models, the vision tower's weights,
+fashion_mnist.root) are relative to its folder (llm2clip.config); a preset's, to the working directory."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from ..config import StrictModel
+from ..config import StrictModel, resolve_path
 from ..finetune.config import ContrastiveSettings, LoraSettings, OptimSettings
 from ..model import ClipTextConfig, ModelConfig
 from ..text.config import LLMEncoderConfig, TextEncoderConfig
@@ -40,7 +43,7 @@ class ClipTeacher(StrictModel):
     label: str | None = None
 
 
-Teacher = Annotated[Union[LLMTeacher, EncoderTeacher, ClipTeacher], Field(discriminator="kind")]
+Teacher = Annotated[LLMTeacher | EncoderTeacher | ClipTeacher, Field(discriminator="kind")]
 
 
 class Variant(StrictModel):
@@ -116,7 +119,8 @@ def _known_teacher(name: str, info, where: str) -> None:
 
 
 class PipelineConfig(StrictModel):
-    run_dir: str = Field("runs/run", description="relative to the working directory")
+    run_dir: str = Field("runs/run", description=(
+        "relative to the config file's folder (a preset's and a --run-dir override: to the working directory)"))
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="torch CPU threads of single-process stages")
     parallel: int = Field(1, ge=1, description=(
@@ -172,9 +176,14 @@ class PipelineConfig(StrictModel):
         return [t for t in used if t in (s.teachers or used)]
 
     def resolve_paths(self, base: Path) -> None:
+        self.run_dir = resolve_path(self.run_dir, base)
         self.llm.resolve_paths(base)
-        if self.fashion_mnist.root and not Path(self.fashion_mnist.root).is_absolute():
-            self.fashion_mnist.root = str(base / self.fashion_mnist.root)
+        for t in self.teachers.values():
+            hook = getattr(t.encoder, "resolve_paths", None) if isinstance(t, EncoderTeacher) else None
+            if callable(hook):
+                hook(base)
+        self.stage2.model.resolve_paths(base)
+        self.fashion_mnist.root = resolve_path(self.fashion_mnist.root, base)
 
     def teacher_llm(self, name: str) -> LLMEncoderConfig:
         """The LLM of an LLM teacher as it encodes (before stage 1's weights, for a fine-tuned one)."""

@@ -26,9 +26,11 @@ def preset_path(name: str) -> Path:
 
 
 def load_pipeline_config(path_or_preset: str | Path) -> PipelineConfig:
+    """A config file (relative paths: to its folder) or a preset by name (relative paths: to the working
+    directory, since a preset lives inside the installed package: `llm2clip quickstart` writes runs/quickstart)."""
     p = Path(path_or_preset)
     if not p.suffix and not p.exists():
-        p = preset_path(str(path_or_preset))  # a name: a preset, or an error listing them
+        return load_config(preset_path(str(path_or_preset)), PipelineConfig, base=".")  # or an error listing them
     return load_config(p, PipelineConfig)
 
 

@@ -1,23 +1,21 @@
-"""The stage-2 run config (YAML), validated by the project's config layer."""
+"""The stage-2 run config (YAML), validated by the project's config layer.
+
+Relative paths in a config file are relative to its folder (llm2clip.config); each config's
+``resolve_paths`` fixes its own fields and calls those of the configs inside it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from ..config import StrictModel
+from ..config import resolve_path as _rel
 from ..data.images import BagOfWordsConfig
 from ..model import ModelConfig
 from ..text.config import LLMEncoderConfig, RandomEncoderConfig, SentenceEncoderConfig
-
-
-def _rel(p: str | None, base: Path) -> str | None:
-    if p is None:
-        return None
-    q = Path(p).expanduser()
-    return str(q if q.is_absolute() else base / q)
 
 
 class ScenesSource(StrictModel):
@@ -65,7 +63,7 @@ class WebDatasetSource(StrictModel):
     joined with the feature store by id. Streamed in a seeded order; each rank reads its own shards."""
 
     kind: Literal["webdataset"] = "webdataset"
-    shards: Union[str, list[str]] = Field(
+    shards: str | list[str] = Field(
         description="a folder written by `llm2clip shards`, a brace pattern (shards/train-{000000..000009}.tar) "
                     "or a list of tar files and patterns")
     shuffle_shards: int = Field(4, ge=1, description="samples are shuffled together across this many shards")
@@ -77,10 +75,10 @@ class WebDatasetSource(StrictModel):
             self.shards = [_rel(s, base) for s in self.shards]
 
 
-DataSource = Annotated[Union[ScenesSource, ManifestSource, FashionMnistSource, WebDatasetSource],
+DataSource = Annotated[ScenesSource | ManifestSource | FashionMnistSource | WebDatasetSource,
                        Field(discriminator="kind")]
 CaptionEncoderConfig = Annotated[
-    Union[LLMEncoderConfig, SentenceEncoderConfig, RandomEncoderConfig, BagOfWordsConfig], Field(discriminator="kind")
+    LLMEncoderConfig | SentenceEncoderConfig | RandomEncoderConfig | BagOfWordsConfig, Field(discriminator="kind")
 ]
 
 
@@ -157,7 +155,8 @@ class LoopConfig(StrictModel):
 
 
 class RunConfig(StrictModel):
-    run_dir: str = "runs/stage2"
+    run_dir: str = Field("runs/stage2", description="relative to the config file's folder (a --run-dir override: "
+                                                   "to the working directory)")
     seed: int = 0
     model: ModelConfig
     data: DataConfig
