@@ -27,7 +27,8 @@ def test_matches_independent_loop_and_chunking():
     torch.manual_seed(0)
     groups = [f"g{i % 37}" for i in range(200)] + ["alone"]
     centers = torch.randn(38, 16)
-    emb = torch.cat([centers[i % 37] + 0.9 * torch.randn(16) for i in range(200)] + [torch.randn(1, 16)[0]]).view(-1, 16)
+    emb = torch.cat([centers[i % 37] + 0.9 * torch.randn(16) for i in range(200)]
+                    + [torch.randn(1, 16)[0]]).view(-1, 16)
     ref, q = naive_cra(emb, groups, (1, 5, 10))
     full = caption_retrieval_accuracy(emb, groups, chunk_size=len(groups))
     for cs in (1, 7, 64):

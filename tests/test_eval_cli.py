@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from stage2_helpers import tiny_run_config
 
 from llm2clip.config import parse_config
 from llm2clip.data import fashion_mnist as fm
@@ -19,13 +20,12 @@ from llm2clip.data.images import BagOfWordsConfig, BagOfWordsEncoder
 from llm2clip.data.scenes import SceneSet
 from llm2clip.errors import ConfigError, InputError
 from llm2clip.eval import evaluate_checkpoint, load_benchmark
-from llm2clip.eval.builtin import FASHION_TEMPLATES
 from llm2clip.eval.cli import add_commands, caption_encoder_for
+from llm2clip.eval.prompts import FASHION_TEMPLATES
 from llm2clip.model import LLM2CLIP
 from llm2clip.train.config import RunConfig
 from llm2clip.train.loop import fit
 from llm2clip.vision import build_transform
-from stage2_helpers import tiny_run_config
 
 OC_NAME = "test-eval-tiny-ViT"
 
@@ -277,6 +277,25 @@ def test_caption_encoder_sources_and_identity_mismatch(trained, tmp_path, no_fas
               str(tmp_path / "x")])
     with pytest.raises(ConfigError, match="expected key=value"):
         _cli([str(trained), "-b", "scenes-short", "--caption-encoder", "bow:24"])
+
+
+def test_eval_loads_through_llm2clip_load(trained, monkeypatch):
+    """eval's model is the one llm2clip.load gives (one loader); the spec parser is text.specs's."""
+    import llm2clip.api
+    from llm2clip.eval import checkpoint
+    from llm2clip.text.specs import parse_caption_encoder_spec
+
+    assert checkpoint.parse_caption_encoder_spec is parse_caption_encoder_spec  # the old import still works
+    calls = []
+    real = llm2clip.api.load
+    monkeypatch.setattr(llm2clip.api, "load", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
+    ev = checkpoint.load_eval_model(trained, device="cpu", precision="bfloat16")
+    assert len(calls) == 1 and ev.precision == "bf16"
+    lm = real(trained, device="cpu")
+    texts = ["a red circle", "three shapes on a navy background"]
+    with torch.no_grad():
+        want = lm.model.encode_text(lm.caption_encoder.encode(texts))
+    assert torch.allclose(checkpoint.load_eval_model(trained, device="cpu").encode_text(texts), want, atol=1e-6)
 
 
 def test_bad_input_is_a_clear_error(trained, tiny_open_clip, tmp_path, capsys):

@@ -14,6 +14,7 @@ from PIL import Image
 from llm2clip.errors import InputError
 from llm2clip.eval import benchmarks as B
 from llm2clip.eval import report as REP
+from llm2clip.eval.loaders.long_captions import json_array_head
 from llm2clip.eval.retrieval import evaluate_retrieval
 from llm2clip.eval.zeroshot import evaluate_zeroshot
 
@@ -116,7 +117,7 @@ def test_missing_images_error_by_name_or_counted_skip(tmp_path):
     assert len(b) == 3 and len(b.captions) == 17
     assert b.skipped == [{"where": "coco_karpathy_test.json entry 1", "image": str(tmp_path / "val2014/1001.png"),
                           "reason": "image file missing"}]
-    for cap, i in zip(b.captions, b.caption_image):  # captions follow their own images, nothing shifted
+    for cap, i in zip(b.captions, b.caption_image, strict=True):  # captions follow their own images, nothing shifted
         assert Path(b.images[i]).stem == str(1000 + NAMES.index(cap.split()[1]))
     with pytest.raises(InputError, match="on_missing"):
         B.load_coco(tmp_path, on_missing="ignore")
@@ -347,16 +348,16 @@ def test_report_json_markdown_and_plots(tmp_path):
 def test_json_array_head_edge_cases(tmp_path):
     p = tmp_path / "a.json"
     p.write_text('\ufeff [ {"a": 1} ,\n {"a": [2, "]"]}, {"a": 3} ]')
-    assert B._json_array_head(p, 2) == [{"a": 1}, {"a": [2, "]"]}]
-    assert B._json_array_head(p, 10) == [{"a": 1}, {"a": [2, "]"]}, {"a": 3}]
+    assert json_array_head(p, 2) == [{"a": 1}, {"a": [2, "]"]}]
+    assert json_array_head(p, 10) == [{"a": 1}, {"a": [2, "]"]}, {"a": 3}]
     p.write_text("[]")
-    assert B._json_array_head(p, 5) == []
+    assert json_array_head(p, 5) == []
     p.write_text('[{"a": 1}, {"a": ')
     with pytest.raises(InputError, match="entry 1: not valid JSON"):
-        B._json_array_head(p, 5)
+        json_array_head(p, 5)
     p.write_text('{"a": 1}')
     with pytest.raises(InputError, match="expected a JSON list"):
-        B._json_array_head(p, 5)
+        json_array_head(p, 5)
 
 
 def test_registry_describes_every_benchmark():

@@ -1,16 +1,20 @@
-"""Evaluating a checkpoint: load the model (a saved LLM2CLIP model or an open_clip baseline), rebuild
-its caption encoder, run the named benchmarks, and write the report. The engine of ``llm2clip eval``
-and of the pipeline's evaluation stage.
+"""Evaluating a checkpoint: load the model (a saved LLM2CLIP model or an open_clip baseline), run the
+named benchmarks, and write the report. The engine of ``llm2clip eval`` and of the pipeline's
+evaluation stage.
 
 Checkpoints:
 
-* a saved LLM2CLIP model folder (``run_dir/model``: ``llm2clip_model.json`` + safetensors). With the
-  adapter text side, raw captions need the caption encoder it was trained against: an explicit
-  spec, else the manifest's ``caption_encoder`` entry, else the run's own config
-  (``run_dir/config.json``: the in-memory encoder, or the encoder recorded in its feature store).
-  Its identity is checked against the one the manifest pins.
+* a saved LLM2CLIP model folder (``run_dir/model``: ``llm2clip_model.json`` + safetensors), loaded by
+  ``llm2clip.load`` (llm2clip.api), so eval scores exactly what the inference API gives. With the
+  adapter text side, raw captions need the caption encoder it was trained against, found as
+  ``llm2clip.api.find_caption_encoder`` says: an explicit spec, else the manifest's ``caption_encoder``
+  entry, else the run's own config (``run_dir/config.json``: the in-memory encoder, or the encoder
+  recorded in its feature store). Its identity is checked against the one the manifest pins.
 * ``open_clip:NAME[:PRETRAINED]``: an open_clip model with its own text tower (baselines), from a
   local weights file or tag; without one, random weights drawn with torch seed 0 (reproducible).
+
+``precision`` here is autocast over float32 weights, as in training (``llm2clip.load``'s precision
+casts the weights themselves).
 """
 
 from __future__ import annotations
@@ -18,116 +22,64 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
-from ..config import StrictModel, load_config, parse_config
+from ..api import DEFAULT_DEVICE, find_caption_encoder, precision_name, read_manifest, resolve_device, run_config
 from ..errors import ConfigError, InputError
-from .benchmarks import REGISTRY, BenchmarkUnavailable, load_benchmark, sha256_file
+from ..hashing import file_sha256 as sha256_file
+from ..text.specs import parse_caption_encoder_spec  # noqa: F401  (re-exported: callers import it from here)
+from .benchmark import BenchmarkUnavailable
+from .prompts import classification_prompts
+from .registry import REGISTRY, load_benchmark
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BENCHMARKS = ("scenes-short", "scenes-dense", "cupl-cra", "fashion-mnist")
-MANIFEST_ENCODER_KEY = "caption_encoder"
 OPEN_CLIP_PREFIX = "open_clip:"
 SCENE_BENCHMARKS = ("scenes-short", "scenes-dense")
 
 
 # ------------------------------------------------------------------------------ caption encoders
-def _encoder_file_model():
-    from ..train.config import CaptionEncoderConfig
-
-    class CaptionEncoderFile(StrictModel):
-        encoder: CaptionEncoderConfig
-
-    return CaptionEncoderFile
-
-
-def parse_caption_encoder_spec(spec):
-    """A caption-encoder config from a spec: 'bow[:dim=N,seed=S]' (the bag-of-words stand-in), a
-    YAML file with an ``encoder:`` mapping (any kind the train config accepts), a text-encoder
-    preset or saved encoder ('smollm2:pooling=mean', 'minilm', 'runs/s1/encoder'), or a config
-    dict / object."""
-    from ..text.specs import parse_encoder_spec, parse_overrides
-
-    File = _encoder_file_model()
-    if isinstance(spec, dict):
-        return parse_config({"encoder": spec}, File, "caption encoder").encoder
-    if not isinstance(spec, str):
-        return spec  # already a config
-    if spec.endswith((".yaml", ".yml")):
-        return load_config(spec, File).encoder
-    name, _, rest = spec.partition(":")
-    if name == "bow":
-        data = {"kind": "bow", **parse_overrides(spec, rest, "caption encoder")}
-        return parse_config({"encoder": data}, File, f"caption encoder {spec!r}").encoder
-    return parse_encoder_spec(spec)
-
-
 def _read_manifest(model_dir: Path) -> dict:
-    from ..model import MODEL_MANIFEST
-
-    mf = model_dir / MODEL_MANIFEST
-    if not mf.is_file():
-        raise ConfigError(f"{model_dir}: no {MODEL_MANIFEST}; not a saved LLM2CLIP model (give run_dir/model, "
-                          f"or {OPEN_CLIP_PREFIX}NAME[:WEIGHTS] for an open_clip model)")
     try:
-        return json.loads(mf.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{mf}: not valid JSON: {err}") from None
+        return read_manifest(model_dir)
+    except ConfigError as err:
+        if "no llm2clip_model.json" not in str(err):
+            raise
+        raise ConfigError(f"{err}, or {OPEN_CLIP_PREFIX}NAME[:WEIGHTS] for an open_clip model") from None
 
 
-def _run_config(model_dir: Path) -> tuple[dict | None, Path]:
-    """The stage-2 run config beside a run's model folder (run_dir/config.json), if any."""
-    path = model_dir.parent / "config.json"
-    if model_dir.name != "model" or not path.is_file():
-        return None, path
-    try:
-        return json.loads(path.read_text(encoding="utf-8")), path
-    except json.JSONDecodeError:
-        return None, path
+def _missing_encoder(model_dir: Path, manifest: dict) -> ConfigError:
+    ident = manifest.get("text_identity")
+    return ConfigError(f"{model_dir}: this model reads caption embeddings, so raw captions need the caption "
+                       f"encoder it was trained against, and none is recorded beside it: pass --caption-encoder SPEC "
+                       f"(e.g. smollm2, bow:dim=N, a saved encoder folder or a YAML file); the model expects "
+                       f"identity {json.dumps(ident)}")
 
 
 def caption_encoder_config(model_dir: str | Path, override_spec=None) -> tuple[object, str]:
     """(config, where it came from) of the caption encoder a saved model needs for raw captions."""
     model_dir = Path(model_dir)
-    if override_spec is not None:
-        return parse_caption_encoder_spec(override_spec), f"given: {override_spec}"
     manifest = _read_manifest(model_dir)
-    entry = manifest.get(MANIFEST_ENCODER_KEY)
-    if isinstance(entry, dict):
-        cfg = entry.get("config", entry) if "kind" not in entry else entry
-        return parse_caption_encoder_spec(dict(cfg)), f"{model_dir}: manifest {MANIFEST_ENCODER_KEY}"
-    run_cfg, path = _run_config(model_dir)
-    feats = ((run_cfg or {}).get("data") or {}).get("features") or {}
-    if feats.get("encoder"):
-        return parse_caption_encoder_spec(dict(feats["encoder"])), f"{path}: data.features.encoder"
-    if feats.get("store"):
-        store_mf = Path(feats["store"]) / "manifest.json"
-        if store_mf.is_file():
-            enc = json.loads(store_mf.read_text(encoding="utf-8")).get("encoder")
-            if isinstance(enc, dict):
-                return parse_caption_encoder_spec(dict(enc)), f"{store_mf}: encoder"
-    ident = manifest.get("text_identity")
-    raise ConfigError(f"{model_dir}: this model reads caption embeddings, so raw captions need the caption "
-                      f"encoder it was trained against, and none is recorded beside it: pass --caption-encoder SPEC "
-                      f"(e.g. smollm2, bow:dim=N, a saved encoder folder or a YAML file); the model expects "
-                      f"identity {json.dumps(ident)}")
+    cfg, source = find_caption_encoder(model_dir, manifest, override_spec)
+    if cfg is None:
+        raise _missing_encoder(model_dir, manifest)
+    return cfg, source
 
 
 def caption_encoder_for(model_dir: str | Path, override_spec=None):
     """The caption encoder for a saved model's raw captions, built and checked against the identity
-    its manifest pins (a mismatch is a ConfigError naming the fields). ``override_spec``: an explicit
-    spec (see parse_caption_encoder_spec); else the manifest's ``caption_encoder`` entry; else the
-    run config beside ``run_dir/model``."""
+    its manifest pins (a mismatch is a ConfigError naming the fields); found as
+    ``llm2clip.api.find_caption_encoder`` says."""
     from ..data.images import build_caption_encoder
     from ..model import check_identity
 
     cfg, source = caption_encoder_config(model_dir, override_spec)
-    enc = build_caption_encoder(cfg)
+    enc = cfg if _is_encoder(cfg) else build_caption_encoder(cfg)
     check_identity(_read_manifest(Path(model_dir)).get("text_identity"), enc.identity(),
                    f"caption encoder ({source})")
     return enc
@@ -148,15 +100,6 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device}: CUDA is not available here")
-    return dev
-
-
 class EvalModel:
     """What the harness scores: ``encode_image`` (a batch of preprocessed tensors) and
     ``encode_text`` (a list of strings), both returning float32 features on the CPU; ``preprocess``
@@ -165,6 +108,7 @@ class EvalModel:
     def __init__(self, module: torch.nn.Module, image_fn: Callable, text_fn: Callable, preprocess: Callable,
                  identity: dict, device: torch.device, precision: str = "fp32",
                  stages: tuple[Callable, Callable] | None = None, scene_defaults: dict | None = None):
+        precision = precision_name(precision)  # 'bfloat16' and 'bf16' name the same autocast
         self.module, self.preprocess, self.device, self.precision = module, preprocess, device, precision
         self._image, self._text, self._stages = image_fn, text_fn, stages
         self._identity = dict(identity)
@@ -208,9 +152,9 @@ def _display_name(path: Path) -> str:
 
 def _scene_defaults_from_run(model_dir: Path, image_size: int) -> dict:
     """Render scenes as the run's training scenes were rendered; else at the tower's input size."""
-    from .builtin import SCENES_OFFSET
+    from .loaders.scenes import SCENES_OFFSET
 
-    run_cfg, path = _run_config(model_dir)
+    run_cfg, path = run_config(model_dir)
     train = ((run_cfg or {}).get("data") or {}).get("train") or {}
     if train.get("kind") != "scenes":
         return {"render_size": int(image_size)}
@@ -220,12 +164,20 @@ def _scene_defaults_from_run(model_dir: Path, image_size: int) -> dict:
     return {k: train[k] for k in ("seed", "render_size", "min_objects", "max_objects") if k in train}
 
 
-def load_llm2clip(model_dir: str | Path, caption_encoder=None, device="auto", precision: str = "fp32",
+def _from_loaded(lm, ident: dict, precision: str, scene_defaults: dict) -> EvalModel:
+    """An EvalModel over a LoadedModel: the same modules, the same caption encoder."""
+    model = lm.model
+    stages = (lm.caption_encoder.encode, model.encode_text) if model.uses_adapter else None
+    return EvalModel(model, model.encode_image, model.encode_text, lm.transform, ident, lm.device, precision,
+                     stages, scene_defaults)
+
+
+def load_llm2clip(model_dir: str | Path, caption_encoder=None, device=DEFAULT_DEVICE, precision: str = "fp32",
                   name: str | None = None) -> EvalModel:
-    """A saved LLM2CLIP model for evaluation, its caption encoder rebuilt and checked."""
-    from ..data.images import build_caption_encoder
-    from ..model import LLM2CLIP, MODEL_MANIFEST, MODEL_WEIGHTS
-    from ..vision import build_transform
+    """A saved LLM2CLIP model for evaluation, loaded by ``llm2clip.load`` (float32 weights; ``precision``
+    is autocast), its caption encoder found, rebuilt and checked."""
+    from ..api import load
+    from ..model import MODEL_MANIFEST, MODEL_WEIGHTS
 
     model_dir = Path(model_dir).expanduser()
     if not model_dir.is_dir():
@@ -233,40 +185,24 @@ def load_llm2clip(model_dir: str | Path, caption_encoder=None, device="auto", pr
     if not (model_dir / MODEL_MANIFEST).is_file() and (model_dir / "model" / MODEL_MANIFEST).is_file():
         model_dir = model_dir / "model"  # a run folder: its final model
     manifest = _read_manifest(model_dir)
-    dev = resolve_device(device)
-    model = LLM2CLIP.load(model_dir)
+    lm = load(model_dir, device=device, caption_encoder=caption_encoder, lazy_text=True)
     enc_info = None
-    if model.uses_adapter:
-        if caption_encoder is not None and _is_encoder(caption_encoder):
-            enc, source = caption_encoder, "given (object)"
-        else:
-            cfg, source = caption_encoder_config(model_dir, caption_encoder)
-            enc = build_caption_encoder(cfg)
-        try:
-            model.attach_caption_encoder(enc)
-        except ConfigError as err:
-            raise ConfigError(f"{model_dir}: {err} [caption encoder from {source}]") from None
-        enc_info = {"source": source, "identity": enc.identity()}
+    if lm.uses_adapter:
+        if lm.encoder_source is None:
+            raise _missing_encoder(model_dir, manifest)
+        enc_info = {"source": lm.encoder_source, "identity": lm.caption_encoder.identity()}
         if not manifest.get("text_identity"):
             log.warning("%s: the manifest pins no caption-encoder identity; nothing was checked", model_dir)
-    elif caption_encoder is not None:
-        raise ConfigError(f"{model_dir}: this model has its own CLIP text tower; a caption encoder does not apply")
-    model.to(dev).eval()
-    v = model.visual
-    preprocess = build_transform(v.image_size, v.mean, v.std, train=False)
+    lm.model.eval()
     ident = {"name": name or _display_name(model_dir), "kind": "llm2clip", "path": str(model_dir.resolve()),
              "weights_sha256": sha256_file(model_dir / MODEL_WEIGHTS),
              "manifest_sha256": sha256_file(model_dir / MODEL_MANIFEST), "config": manifest.get("config"),
-             "text_side": "adapter" if model.uses_adapter else "clip",
+             "text_side": "adapter" if lm.uses_adapter else "clip",
              "text_identity": manifest.get("text_identity"), "caption_encoder": enc_info}
-    stages = None
-    if model.uses_adapter:
-        stages = (model.caption_encoder.encode, model.encode_text)
-    return EvalModel(model, model.encode_image, model.encode_text, preprocess, ident, dev, precision, stages,
-                     _scene_defaults_from_run(model_dir, v.image_size))
+    return _from_loaded(lm, ident, precision, _scene_defaults_from_run(model_dir, lm.image_size))
 
 
-def load_open_clip(spec: str, device="auto", precision: str = "fp32", name: str | None = None) -> EvalModel:
+def load_open_clip(spec: str, device=DEFAULT_DEVICE, precision: str = "fp32", name: str | None = None) -> EvalModel:
     """``open_clip:NAME[:PRETRAINED]``: the model with its own text tower and val transform."""
     import open_clip
 
@@ -310,7 +246,7 @@ def load_open_clip(spec: str, device="auto", precision: str = "fp32", name: str 
                      precision, None, {"render_size": size})
 
 
-def load_eval_model(checkpoint, caption_encoder=None, device="auto", precision: str = "fp32",
+def load_eval_model(checkpoint, caption_encoder=None, device=DEFAULT_DEVICE, precision: str = "fp32",
                     name: str | None = None) -> EvalModel:
     """An EvalModel from a saved-model folder, ``open_clip:...``, an LLM2CLIP instance or an EvalModel."""
     from ..model import LLM2CLIP
@@ -331,31 +267,18 @@ def load_eval_model(checkpoint, caption_encoder=None, device="auto", precision: 
 
 
 def _wrap_llm2clip(model, caption_encoder, device, precision, name) -> EvalModel:
-    """An in-memory LLM2CLIP model (e.g. straight from training)."""
-    from ..data.images import build_caption_encoder
-    from ..vision import build_transform
+    """An in-memory LLM2CLIP model (e.g. straight from training), through ``llm2clip.api.wrap``."""
+    from ..api import wrap
 
-    if model.uses_adapter:
-        recorded = getattr(model, "caption_encoder_config", None)  # set by LLM2CLIP.load from the manifest
-        if caption_encoder is None and model.caption_encoder is None and recorded:
-            caption_encoder = recorded
-        if caption_encoder is not None:
-            enc = caption_encoder if _is_encoder(caption_encoder) else build_caption_encoder(
-                parse_caption_encoder_spec(caption_encoder))
-            model.attach_caption_encoder(enc)
-        if model.caption_encoder is None:
-            raise ConfigError("the model reads caption embeddings: attach its caption encoder or pass one")
-    dev = resolve_device(device)
-    model.to(dev).eval()
-    v = model.visual
+    lm = wrap(model, device, caption_encoder=caption_encoder, lazy_text=True)
+    if lm.uses_adapter and lm.encoder_source is None:
+        raise ConfigError("the model reads caption embeddings: attach its caption encoder or pass one")
     ident = {"name": name or "llm2clip", "kind": "llm2clip", "path": None,
              "config": model.config.model_dump(mode="json"), "text_side": "adapter" if model.uses_adapter else "clip",
              "text_identity": model.text_identity,
-             "caption_encoder": {"source": "attached", "identity": model.caption_encoder.identity()}
+             "caption_encoder": {"source": "attached", "identity": lm.caption_encoder.identity()}
              if model.uses_adapter else None}
-    stages = (model.caption_encoder.encode, model.encode_text) if model.uses_adapter else None
-    return EvalModel(model, model.encode_image, model.encode_text, build_transform(v.image_size, v.mean, v.std),
-                     ident, dev, precision, stages, {"render_size": v.image_size})
+    return _from_loaded(lm, ident, precision, {"render_size": lm.image_size})
 
 
 # -------------------------------------------------------------------------------- benchmarks
@@ -372,23 +295,6 @@ def parse_benchmark_arg(arg: str) -> tuple[str, str | None]:
     return name, (root or None)
 
 
-def _classification_prompts(bench, prompts: str | None):
-    """Prompt sets for a file-based classification benchmark (ImageNet): CLIP's templates by default."""
-    from dataclasses import replace
-
-    from .zeroshot import descriptions_or_templates, load_cupl, load_templates
-
-    if bench.prompts or prompts in (None, "templates"):
-        return bench
-    if prompts not in ("cupl", "both"):
-        raise InputError(f"zero-shot prompts must be templates, cupl or both, got {prompts!r}")
-    templates = load_templates()
-    # CuPL covers 998 of the 1,000 ImageNet classes: the others get CLIP's templates
-    cupl = descriptions_or_templates(bench.classnames, load_cupl(), templates)[0]
-    sets = {"cupl": cupl} if prompts == "cupl" else {"templates": templates, "cupl": cupl}
-    return replace(bench, prompts=sets)
-
-
 def _evaluate_one(model: EvalModel, bench, *, batch_size: int, num_workers: int, on_bad_image: str,
                   zeroshot_prompts: str | None, progress) -> dict:
     from .cra import evaluate_cra
@@ -400,7 +306,7 @@ def _evaluate_one(model: EvalModel, bench, *, batch_size: int, num_workers: int,
     if bench.task == "retrieval":
         return evaluate_retrieval(model, bench, **kw)
     if bench.task == "classification":
-        return evaluate_zeroshot(model, _classification_prompts(bench, zeroshot_prompts), **kw)
+        return evaluate_zeroshot(model, classification_prompts(bench, zeroshot_prompts), **kw)
     return evaluate_cra(model, bench, batch_size=max(batch_size, 64), progress=progress)
 
 
@@ -415,7 +321,7 @@ def _summary(res: dict) -> str:
 
 def evaluate_checkpoint(model_or_dir, benchmarks: Sequence[str] = DEFAULT_BENCHMARKS, out_dir=None, *,
                         name: str | None = None, caption_encoder=None, options: dict | None = None,
-                        zeroshot_prompts: str | None = None, batch_size: int = 64, device="auto",
+                        zeroshot_prompts: str | None = None, batch_size: int = 64, device=DEFAULT_DEVICE,
                         precision: str = "fp32", num_workers: int = 0, on_bad_image: str = "error",
                         progress: bool | None = None, title: str = "llm2clip evaluation") -> dict:
     """Evaluate one model on ``benchmarks`` ('NAME' or 'NAME=DIR'); write the report to ``out_dir``

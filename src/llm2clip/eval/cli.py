@@ -111,8 +111,8 @@ def add_commands(sub) -> None:
 
 def run_eval(args) -> int:
     from ..errors import InputError
-    from .benchmarks import REGISTRY, describe_benchmarks
     from .checkpoint import default_out_dir
+    from .registry import REGISTRY, describe_benchmarks
     from .report import markdown_table
 
     if args.list:

@@ -8,7 +8,7 @@ result). Similarities are computed a chunk of queries at a time, so memory stays
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import torch
@@ -98,7 +98,7 @@ def evaluate_cra(model, benchmark, ks: Sequence[int] = (1, 5, 10), batch_size: i
     """
     import time
 
-    from .benchmarks import encode_texts
+    from .encoding import encode_texts
 
     if benchmark.task != "cra":
         raise InputError(f"benchmark {benchmark.name!r} is a {benchmark.task} benchmark, not cra")

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import InputError
+from ..fileio import markdown_table as markdown_table_of
+from ..fileio import write_atomic, write_json_atomic, write_text_atomic
 
 CURVE_TICKS = (1, 2, 5, 10, 20, 50, 100)
 
@@ -44,18 +45,9 @@ def make_run(model: dict | str, results: Sequence[dict], **extra) -> dict:
     if "name" not in model:
         raise InputError("the model identity needs a 'name'")
     return {"model": model, "results": list(results),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "llm2clip_version": __version__,
             "environment": {"python": platform.python_version(), "torch": torch_version}, **extra}
-
-
-def write_json(path: str | Path, obj) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str, allow_nan=True))
-    os.replace(tmp, path)
-    return path
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[dict]:
@@ -112,7 +104,7 @@ def markdown_table(runs: Sequence[dict], k: int = 1) -> str:
         runs = [runs]
     benches = _benchmarks(runs)
     head = ["Model"] + [_header(b, t, k) for b, t in benches]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for run in runs:
         cells = [run["model"]["name"]]
         for b, t in benches:
@@ -128,24 +120,23 @@ def markdown_table(runs: Sequence[dict], k: int = 1) -> str:
             else:
                 m = r["metrics"]
                 cells.append(f"{_pct(m.get('top1'))} / {_pct(m.get('top5'))}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table_of(head, rows)
 
 
 def data_table(runs: Sequence[dict]) -> str:
     """Which data each run scored: sizes, skips and annotation hashes (first 12 hex digits)."""
     if isinstance(runs, dict):
         runs = [runs]
-    lines = ["| Model | Benchmark | Images | Captions / classes | Skipped | Annotation sha256 |",
-             "|---|---|---|---|---|---|"]
+    rows = []
     for run in runs:
         for r in run["results"]:
             d = r.get("data", {})
             files = ", ".join(f"{n}: {h[:12]}" for n, h in d.get("files", {}).items())
             size = d.get("captions", d.get("classes", ""))
-            lines.append(f"| {run['model']['name']} | {r['benchmark']} | {d.get('images', '')} | {size} | "
-                         f"{d.get('skipped', 0)} | {files} |")
-    return "\n".join(lines)
+            rows.append([run["model"]["name"], r["benchmark"], d.get("images", ""), size, d.get("skipped", 0), files])
+    return markdown_table_of(["Model", "Benchmark", "Images", "Captions / classes", "Skipped", "Annotation sha256"],
+                             rows)
 
 
 def markdown_report(runs: Sequence[dict], title: str = "llm2clip evaluation") -> str:
@@ -157,6 +148,15 @@ def markdown_report(runs: Sequence[dict], title: str = "llm2clip evaluation") ->
         parts += ["Skipped:", ""] + [f"- {name}: {s['benchmark']}: {s['reason']}" for name, s in skipped] + [""]
     parts += ["## Data", "", data_table(runs), ""]
     return "\n".join(parts)
+
+
+def _save(fig, path) -> Path:
+    """The figure as a PNG at ``path``, written atomically."""
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        _pyplot().close(fig)
+    return Path(path)
 
 
 def _pyplot():
@@ -175,7 +175,7 @@ def plot_recall_curves(runs: Sequence[dict], path: str | Path) -> Path:
     if not benches:
         raise InputError("no retrieval results to plot")
     fig, axes = plt.subplots(1, len(benches), figsize=(4 * len(benches), 3.4), squeeze=False)
-    for ax, b in zip(axes[0], benches):
+    for ax, b in zip(axes[0], benches, strict=True):
         for j, run in enumerate(runs):
             r = _find(run, b)
             if r is None or "curves" not in r:
@@ -193,15 +193,11 @@ def plot_recall_curves(runs: Sequence[dict], path: str | Path) -> Path:
     axes[0][0].set_ylabel("recall@K (%)")
     handles = {}  # one entry per series, also for models missing from the last panel
     for ax in axes[0]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(lab, h)
     axes[0][-1].legend(handles.values(), handles.keys(), fontsize=7, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_r1_bars(runs: Sequence[dict], path: str | Path) -> Path:
@@ -213,7 +209,7 @@ def plot_r1_bars(runs: Sequence[dict], path: str | Path) -> Path:
     series = []  # (label, values per benchmark)
     for run in runs:
         i2t, t2i = [], []
-        for b, t in benches:
+        for b, _ in benches:
             r = _find(run, b)
             m = r["metrics"] if r else {}
             i2t.append(100 * m.get("i2t_R@1", m.get("top1", m.get("R@1", float("nan")))))
@@ -231,11 +227,7 @@ def plot_r1_bars(runs: Sequence[dict], path: str | Path) -> Path:
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_report(runs: Sequence[dict], out_dir: str | Path, title: str = "llm2clip evaluation") -> dict:
@@ -243,13 +235,12 @@ def write_report(runs: Sequence[dict], out_dir: str | Path, title: str = "llm2cl
     if isinstance(runs, dict):
         runs = [runs]
     out = Path(out_dir)
-    paths = {"json": write_json(out / "results.json", list(runs))}
+    paths = {"json": write_json_atomic(out / "results.json", list(runs))}
     md = markdown_report(runs, title)
     if any(t == "retrieval" for _, t in _benchmarks(runs)):
         paths["curves"] = plot_recall_curves(runs, out / "recall_curves.png")
         md += "\n![recall@K](recall_curves.png)\n"
     paths["bars"] = plot_r1_bars(runs, out / "r1_bars.png")
     md += "\n![R@1](r1_bars.png)\n"
-    (out / "report.md").write_text(md, encoding="utf-8")
-    paths["markdown"] = out / "report.md"
+    paths["markdown"] = write_text_atomic(out / "report.md", md)
     return paths

@@ -22,8 +22,8 @@ the order of the candidates. On features without exact ties this equals top-K me
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -214,7 +214,7 @@ def evaluate_retrieval(model, benchmark, *, preprocess=None, ks: Sequence[int] =
     ``model`` needs ``encode_image(batch)`` (``preprocess`` maps a PIL image to what goes in the
     batch; without it the batch is a list of PIL images) and ``encode_text(list_of_str)``.
     """
-    from .benchmarks import encode_benchmark_images, encode_texts
+    from .encoding import encode_benchmark_images, encode_texts
 
     ks = _check_ks(ks)
     if benchmark.task != "retrieval":

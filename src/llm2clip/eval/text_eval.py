@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..data.captions import CaptionSet
+from ..fileio import markdown_table as markdown_table_of
 from .cra import caption_retrieval_accuracy
 
 
@@ -34,8 +35,5 @@ def score_encoders(encoders: Sequence[tuple[str, object]], caption_sets: Sequenc
 
 def markdown_table(rows: Sequence[dict], ks: Sequence[int] = (1, 5, 10)) -> str:
     head = ["encoder", "caption set", *[f"R@{k}" for k in ks], "pool"]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["encoder"], r["caption_set"], *[f"{r[f'R@{k}']:.3f}" for k in ks], str(r["pool_size"])]
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    return markdown_table_of(head, [[r["encoder"], r["caption_set"], *[f"{r[f'R@{k}']:.3f}" for k in ks],
+                                     r["pool_size"]] for r in rows])

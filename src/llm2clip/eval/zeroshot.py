@@ -12,63 +12,30 @@ the true class is ranked before it, so ties count against the image.
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..assets import clip_benchmark_file
 from ..errors import InputError
+from .encoding import encode_benchmark_images, encode_texts
+from .prompts import (  # noqa: F401  (re-exported: callers import them from here)
+    class_prompts,
+    descriptions_or_templates,
+    load_classnames,
+    load_cupl,
+    load_templates,
+    resolve_prompts,
+)
 
 DEFAULT_KS = (1, 5)
-
-
-def load_templates(dataset: str = "imagenet1k") -> list[str]:
-    """CLIP's prompt templates for ``dataset`` from clip-benchmark ({c} stands for the class name)."""
-    data = json.loads(clip_benchmark_file("en_zeroshot_classification_templates.json").read_text(encoding="utf-8"))
-    if dataset not in data:
-        raise InputError(f"no templates for {dataset!r}; known: {', '.join(sorted(data))}")
-    return list(data[dataset])
-
-
-def load_classnames(dataset: str = "imagenet1k") -> list[str]:
-    data = json.loads(clip_benchmark_file("en_classnames.json").read_text(encoding="utf-8"))
-    if dataset not in data:
-        raise InputError(f"no class names for {dataset!r}; known: {', '.join(sorted(data))}")
-    return list(data[dataset])
-
-
-def load_cupl(dataset: str = "imagenet1k") -> dict[str, list[str]]:
-    """CuPL descriptions: class name -> sentences."""
-    data = json.loads(clip_benchmark_file("cupl_prompts.json").read_text(encoding="utf-8"))
-    if dataset not in data:
-        raise InputError(f"no CuPL prompts for {dataset!r}; known: {', '.join(sorted(data))}")
-    return data[dataset]
-
-
-def class_prompts(classnames: Sequence[str], prompts) -> list[list[str]]:
-    """Per class, its texts. ``prompts``: a list of templates with ``{c}``, or a dict class -> texts."""
-    if isinstance(prompts, dict):
-        missing = [c for c in classnames if not prompts.get(c)]
-        if missing:
-            raise InputError(f"no prompts for {len(missing)} class(es): {', '.join(missing[:10])}")
-        return [list(prompts[c]) for c in classnames]
-    if isinstance(prompts, str) or not prompts:
-        raise InputError("prompts must be a non-empty list of templates or a dict class -> texts")
-    bad = [t for t in prompts if "{c}" not in t]
-    if bad:
-        raise InputError(f"template without '{{c}}': {bad[0]!r}")
-    return [[t.replace("{c}", c) for t in prompts] for c in classnames]
 
 
 @torch.no_grad()
 def build_classifier(encode_text: Callable, classnames: Sequence[str], prompts, batch_size: int = 256,
                      progress: bool | None = None) -> torch.Tensor:
     """Class weights [C, D]: per class, the renormalised mean of its normalised prompt embeddings."""
-    from .benchmarks import encode_texts
-
     if not classnames:
         raise InputError("no class names")
     per_class = class_prompts(classnames, prompts)
@@ -111,31 +78,6 @@ def zeroshot_accuracy(image_features, classifier, labels, ks: Sequence[int] = DE
     return out
 
 
-def resolve_prompts(prompts, dataset: str = "imagenet1k"):
-    """'templates' (CLIP's), 'cupl' (CuPL descriptions), or an explicit list / dict; plus a label."""
-    if isinstance(prompts, str):
-        if prompts == "templates":
-            return load_templates(dataset), f"clip_benchmark templates ({dataset})"
-        if prompts == "cupl":
-            return load_cupl(dataset), f"CuPL prompts ({dataset})"
-        raise InputError(f"prompts must be 'templates', 'cupl', a list of templates or a dict; got {prompts!r}")
-    return prompts, "given"
-
-
-def descriptions_or_templates(classnames: Sequence[str], descriptions: dict, templates: Sequence[str]
-                              ) -> tuple[dict[str, list[str]], list[str]]:
-    """Per class its descriptions, or its templated names where it has none; and the classes that
-    fell back to templates (CuPL has no text for some classes)."""
-    out, fallback = {}, []
-    for c in classnames:
-        texts = [t for t in descriptions.get(c, []) if t.strip()]
-        if not texts:
-            fallback.append(c)
-            texts = [t.replace("{c}", c) for t in templates]
-        out[c] = texts
-    return out, fallback
-
-
 def _prompt_sets(prompts, benchmark, dataset: str) -> list[tuple[str, object, str]]:
     """(label, prompts, source) per classifier: the benchmark's own sets when ``prompts`` is None."""
     if prompts is None and benchmark.prompts:
@@ -153,8 +95,6 @@ def evaluate_zeroshot(model, benchmark, *, prompts=None, dataset: str = "imagene
     CLIP's templates. With several sets the images are encoded once; the first set gives
     ``top1``..., each other set ``<label>_top1``...
     """
-    from .benchmarks import encode_benchmark_images
-
     if benchmark.task != "classification":
         raise InputError(f"benchmark {benchmark.name!r} is a {benchmark.task} benchmark, not classification")
     sets = _prompt_sets(prompts, benchmark, dataset)
@@ -165,7 +105,7 @@ def evaluate_zeroshot(model, benchmark, *, prompts=None, dataset: str = "imagene
                                                on_bad=on_bad_image, num_workers=num_workers, progress=progress)
     t1 = time.perf_counter()
     metrics = zeroshot_accuracy(feats, classifiers[0], benchmark.labels, ks)
-    for (label, _, _), clf in zip(sets[1:], classifiers[1:]):
+    for (label, _, _), clf in zip(sets[1:], classifiers[1:], strict=True):
         m = zeroshot_accuracy(feats, clf, benchmark.labels, ks)
         metrics.update({f"{label}_top{k}": m[f"top{k}"] for k in ks})
     data = benchmark.identity()
