@@ -13,7 +13,7 @@ from llm2clip.cli import main
 from llm2clip.errors import ConfigError
 from llm2clip.pipeline import build_stages, load_pipeline_config, preset_path, run_pipeline
 from llm2clip.pipeline import stages as S
-from llm2clip.pipeline.runner import MANIFEST
+from llm2clip.pipeline.runner import PIPELINE_MANIFEST
 
 
 def smoke(run_dir: Path, **over):
@@ -37,7 +37,7 @@ def smoke_run(tmp_path_factory):
 
 
 def test_smoke_preset_writes_every_stage_and_the_report(smoke_run, capsys):
-    m = json.loads((smoke_run / MANIFEST).read_text())
+    m = json.loads((smoke_run / PIPELINE_MANIFEST).read_text())
     cfg = smoke(smoke_run)
     names = [s.name for s in build_stages(cfg)]
     assert list(m["stages"]) == names
@@ -91,7 +91,7 @@ def test_changed_stage2_setting_redoes_only_stage2_and_eval(tmp_path, smoke_run,
     run_pipeline(cfg)
     out = capsys.readouterr().out
     assert "skipped: data, stage1/llm-cc, stage1/llm-cc-bidir, embed/llm-raw, embed/llm-cc, embed/llm-cc-bidir, embed/random" in out
-    m = json.loads((run_dir / MANIFEST).read_text())
+    m = json.loads((run_dir / PIPELINE_MANIFEST).read_text())
     for v in cfg.variants:
         assert m["stages"][f"train/{v.name}"]["result"]["steps"] == 4
         # the folder was cleared: a fresh metrics file, not the old one extended
@@ -113,7 +113,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(S, "run_train", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(smoke(run_dir))
-    m = json.loads((run_dir / MANIFEST).read_text())
+    m = json.loads((run_dir / PIPELINE_MANIFEST).read_text())
     first, second = (f"train/{Path(p).name}" for p in calls)
     assert m["stages"][first]["status"] == "done" and m["stages"][second]["status"] == "running"
     monkeypatch.setattr(S, "run_train", real)
@@ -121,7 +121,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
     run_pipeline(smoke(run_dir))
     out = capsys.readouterr().out
     assert f"skipped: data, stage1/llm-cc, stage1/llm-cc-bidir, embed/llm-raw, embed/llm-cc, embed/llm-cc-bidir, embed/random, {first}" in out
-    m = json.loads((run_dir / MANIFEST).read_text())
+    m = json.loads((run_dir / PIPELINE_MANIFEST).read_text())
     assert all(s["status"] == "done" for s in m["stages"].values())
 
 
@@ -225,7 +225,7 @@ def test_fashion_mnist_variants_and_zero_shot_column(tmp_path):
         "enabled": "on", "root": str(tmp_path / "fm"), "train": 24, "test": 20, "per_class": 3, "steps": 2,
         "teachers": ["clip", "llm-cc"]})
     res = run_pipeline(cfg)
-    m = json.loads((tmp_path / "run" / MANIFEST).read_text())
+    m = json.loads((tmp_path / "run" / PIPELINE_MANIFEST).read_text())
     assert {"train/fmnist-clip", "train/fmnist-llm-cc", "zeroshot"} <= set(m["stages"])
     zs = res["zeroshot"]
     assert set(zs) == {"clip", "llm-cc"}

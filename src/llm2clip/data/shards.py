@@ -41,8 +41,8 @@ from .images import Caption, Record
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-INDEX_FILE = "shards.json"
-INDEX_FORMAT = "llm2clip-shards/1"
+SHARDS_MANIFEST = "shards.json"
+SHARDS_FORMAT = "llm2clip-shards/1"
 _DECODE_ERRORS = image_errors()  # what PIL raises for corrupt, truncated or oversized images
 
 
@@ -55,11 +55,11 @@ def expand_shards(spec: str | Sequence[str]) -> list[Path]:
     for item in ([spec] if isinstance(spec, str) else list(spec)):
         p = Path(item)
         if p.is_dir():
-            idx = p / INDEX_FILE
+            idx = p / SHARDS_MANIFEST
             names = ([s["url"] for s in json.loads(idx.read_text())["shards"]] if idx.is_file()
                      else sorted(q.name for q in p.glob("*.tar")))
             if not names:
-                raise InputError(f"{p}: no shards ({INDEX_FILE} or *.tar)")
+                raise InputError(f"{p}: no shards ({SHARDS_MANIFEST} or *.tar)")
             out.extend(p / n for n in names)
         else:
             out.extend(Path(u) for u in expand_urls(str(item)))
@@ -437,8 +437,8 @@ def write_shards(records: Sequence[Record], out_dir: str | Path, per_shard: int 
         write_atomic(final, write_tar)
         shards.append({"url": name, "nsamples": counted[0]})
     total = sum(s["nsamples"] for s in shards)
-    index = {"format": INDEX_FORMAT, "shards": shards, "samples": total, "left_out": len(records) - total}
-    write_json_atomic(part / INDEX_FILE, index, indent=1)
+    index = {"format": SHARDS_FORMAT, "shards": shards, "samples": total, "left_out": len(records) - total}
+    write_json_atomic(part / SHARDS_MANIFEST, index, indent=1)
     jobfile.unlink()
     if out.exists():  # overwrite: swap the folders, then drop the old one
         old = out.parent / f".{out.name}.old"

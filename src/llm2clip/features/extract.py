@@ -27,7 +27,7 @@ from ..config import StrictModel, load_config
 from ..data.jsonl import read_jsonl
 from ..errors import InputError
 from ..text.config import TextEncoderConfig
-from .store import (JOB_FILE, MANIFEST, FeatureStore, IdentityMismatchError, Layout, StoreError, _jsonable,
+from .store import (JOB_FILE, STORE_MANIFEST, FeatureStore, IdentityMismatchError, Layout, StoreError, _jsonable,
                     finalize_store, remove_temp_files, shard_name, to_storage, write_bytes_atomic, write_shard)
 
 log = logging.getLogger(__name__)
@@ -294,12 +294,12 @@ def _job_record(config: EmbedConfig, caps: Captions, identity: dict, dim: int) -
 
 def _prepare_out(out: Path, job: dict) -> bool:
     """Rank 0: start, resume or recognise a finished store. True when there is nothing left to do."""
-    if (out / MANIFEST).is_file():
+    if (out / STORE_MANIFEST).is_file():
         store = FeatureStore.open(out)
         m = store.manifest
         have = {"identity": m["identity"], "dim": m["dim"], "dtype": m["dtype"], "shard_size": m["shard_size"],
                 "rows": m["rows"], "ids": m["ids"], "captions_sha256": m.get("captions", {}).get("sha256")}
-        _same_job(out / MANIFEST, have, job)
+        _same_job(out / STORE_MANIFEST, have, job)
         return True
     jf = out / JOB_FILE
     if jf.is_file():
@@ -347,7 +347,7 @@ def run_embedding(config: EmbedConfig, *, encoder=None, progress: bool | None = 
     job = _job_record(config, caps, identity, dim)
     done = _prepare_out(out, job) if dist.rank == 0 else False
     dist.barrier()
-    if done or (out / MANIFEST).is_file():
+    if done or (out / STORE_MANIFEST).is_file():
         log.info("%s: already complete", out)
         return out
     if dist.rank != 0 and not (out / JOB_FILE).is_file():

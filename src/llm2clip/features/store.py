@@ -30,7 +30,7 @@ from ..hashing import file_sha256
 
 FORMAT = "llm2clip-feature-store"
 VERSION = 1
-MANIFEST = "manifest.json"
+STORE_MANIFEST = "manifest.json"
 JOB_FILE = "embed-job.json"  # present while an extraction job is unfinished
 IDS_FILE = "ids.npy"
 ID_ROWS_FILE = "id_rows.npy"
@@ -180,7 +180,7 @@ def finalize_store(out: Path, layout: Layout, *, identity: dict, dim: int, dtype
     sums = "".join(f"{s['sha256']}  {s['file']}\n" for s in shards)
     sums += "".join(f"{f['sha256']}  {f['file']}\n" for f in key_files.values())
     write_bytes_atomic(out / SUMS_FILE, sums.encode())
-    write_bytes_atomic(out / MANIFEST, (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
+    write_bytes_atomic(out / STORE_MANIFEST, (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
     for k in range(layout.n_shards):
         (out / sidecar_name(k)).unlink(missing_ok=True)
     (out / JOB_FILE).unlink(missing_ok=True)
@@ -194,7 +194,7 @@ def write_store(out: str | Path, ids: Sequence[str], vectors, *, identity: dict,
     arr = to_storage(vectors, dtype)
     if len(ids) != len(arr):
         raise StoreError(f"{len(ids)} ids but {len(arr)} vectors")
-    if (out / MANIFEST).exists():
+    if (out / STORE_MANIFEST).exists():
         raise StoreError(f"{out}: already holds a store")
     out.mkdir(parents=True, exist_ok=True)
     layout = Layout(len(arr), shard_size)
@@ -249,12 +249,12 @@ class FeatureStore:
         path = Path(path)
         if not path.is_dir():
             raise StoreError(f"{path}: feature store not found")
-        mf = path / MANIFEST
+        mf = path / STORE_MANIFEST
         if not mf.is_file():
             if (path / JOB_FILE).is_file() or any(path.glob("shard-*.npy")):
-                raise StoreError(f"{path}: incomplete store (no {MANIFEST}): its extraction job has not finished; "
-                                 "rerun it to resume")
-            raise StoreError(f"{path}: not a feature store (no {MANIFEST})")
+                raise StoreError(f"{path}: incomplete store (no {STORE_MANIFEST}): its extraction job has not "
+                                 "finished; rerun it to resume")
+            raise StoreError(f"{path}: not a feature store (no {STORE_MANIFEST})")
         try:
             manifest = json.loads(mf.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -268,7 +268,7 @@ class FeatureStore:
         return store
 
     def _check_manifest(self) -> None:
-        m, mf = self.manifest, self.path / MANIFEST
+        m, mf = self.manifest, self.path / STORE_MANIFEST
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise StoreError(f"{mf}: not a {FORMAT} manifest")
         if m.get("version") != VERSION:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from ..fileio import write_json_atomic
 
-MANIFEST = "manifest.json"
+PIPELINE_MANIFEST = "manifest.json"
+MANIFEST = PIPELINE_MANIFEST  # old name, still imported by pipeline/stages.py
 
 
 def stable_hash(obj) -> str:
@@ -56,7 +57,7 @@ class Runner:
         self.parallel = max(1, parallel)
         self.out = out
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.run_dir / MANIFEST
+        self.path = self.run_dir / PIPELINE_MANIFEST
         self.manifest = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.manifest.setdefault("stages", {})
         if config is not None:

@@ -34,7 +34,7 @@ from ..fileio import remove_temp_files, write_bytes_atomic
 log = logging.getLogger(__name__)
 
 FORMAT = "llm2clip-image-index/1"
-MANIFEST = "manifest.json"
+INDEX_MANIFEST = "manifest.json"
 JOB_FILE = "index-job.json"
 PLAN_FILE = "plan.txt"
 CHUNK_DIR = "chunks"
@@ -217,7 +217,7 @@ def build_index(images_dir: str | Path, model, out: str | Path, *, hnsw: bool = 
     root, out = Path(images_dir).resolve(), Path(out).resolve()
     lm = model if isinstance(model, LoadedModel) else load(model, device=device, dtype=dtype, lazy_text=True)
     settings = _index_settings(hnsw, hnsw_m, ef_construction, ef_search)
-    if (out / MANIFEST).is_file():
+    if (out / INDEX_MANIFEST).is_file():
         idx = ImageIndex.open(out)
         idx.check_model(lm)
         if idx.manifest["images_dir"] != str(root) or idx.manifest["index"] != settings:
@@ -294,7 +294,7 @@ def _finalize(out: Path, root: Path, lm, plan: list[str], skipped: list, n_chunk
     manifest = {"format": FORMAT, "model": {**lm.identity(), "path": str(lm.path)}, "images_dir": str(root),
                 "count": len(files), "skipped": len(skipped), "dim": int(emb.shape[1]), "index": settings,
                 "dtype": str(lm.dtype).removeprefix("torch."), "image_size": lm.image_size}
-    write_bytes_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+    write_bytes_atomic(out / INDEX_MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
     shutil.rmtree(out / CHUNK_DIR, ignore_errors=True)
     for name in (JOB_FILE, PLAN_FILE):
         (out / name).unlink(missing_ok=True)
@@ -321,11 +321,11 @@ class ImageIndex:
         faiss = _faiss()
 
         path = Path(path)
-        mf = path / MANIFEST
+        mf = path / INDEX_MANIFEST
         if not mf.is_file():
             if (path / JOB_FILE).is_file():
-                raise InputError(f"{path}: unfinished index (no {MANIFEST}); rerun `llm2clip index` to finish it")
-            raise InputError(f"{path}: not an image index (no {MANIFEST})")
+                raise InputError(f"{path}: unfinished index (no {INDEX_MANIFEST}); rerun `llm2clip index` to finish it")
+            raise InputError(f"{path}: not an image index (no {INDEX_MANIFEST})")
         try:
             manifest = json.loads(mf.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
