@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stage2_helpers import tiny_run_config
 
 import llm2clip
 from llm2clip.config import parse_config
@@ -22,7 +23,6 @@ from llm2clip.search.cli import add_commands
 from llm2clip.search.index import CHUNK_DIR, IndexInterrupted, find_images
 from llm2clip.train.config import RunConfig
 from llm2clip.train.loop import fit
-from stage2_helpers import tiny_run_config
 
 N_SCENES = 30
 
@@ -105,7 +105,7 @@ def test_text_query_scores_equal_the_model_similarity(flat_index, images, model_
     files = [h.file for h in hits]
     sim = lm.similarity(lm.encode_image([images / f for f in files]), lm.encode_text([query]))[:, 0]
     assert np.allclose([h.score for h in hits], sim.numpy(), atol=1e-5)
-    assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+    assert all(a.score >= b.score for a, b in zip(hits, hits[1:], strict=False))
     readable = set(find_images(images)[0]) - {"a/broken.png", "cut.jpg"}
     assert sorted(files) == sorted(readable)  # every readable image, each once
     assert _cli("search", flat_index, query, "-k", "3", "--json") == 0
@@ -186,6 +186,19 @@ def test_hnsw_index(tmp_path, model_dir, images):
         assert search_index(idx, image=images / rel, k=5, ef_search=16)[0].file == rel
 
 
+def test_precision_option_and_its_old_name(flat_index, images, model_dir, capsys):
+    """search loads the index's model through llm2clip.load: --precision (or the old --dtype) casts the weights."""
+    want = search_index(flat_index, image=images / "scene02.png", k=3, device="cpu")
+    got = search_index(flat_index, image=images / "scene02.png", k=3, device="cpu", precision="bf16")
+    assert [h.file for h in got][:1] == [h.file for h in want][:1] == ["scene02.png"]
+    assert got[0].score == pytest.approx(want[0].score, abs=2e-2)
+    for flag in ("--precision", "--dtype"):
+        assert _cli("search", flat_index, "--image", images / "scene02.png", "-k", "1", flag, "bfloat16") == 0
+        assert capsys.readouterr().out.splitlines()[1].split()[2].endswith("scene02.png")
+    with pytest.warns(DeprecationWarning, match="use precision="):
+        search_index(flat_index, "a red circle", k=1, device="cpu", dtype="bfloat16")
+
+
 def test_another_model_is_refused(tmp_path, model_dir, flat_index, images):
     other = shutil.copytree(model_dir, tmp_path / "other")
     m = LLM2CLIP.load(other)
@@ -243,7 +256,7 @@ def test_scikit_image_sample_photos(tmp_path, model_dir):
     for name in ("astronaut", "camera", "chelsea", "coffee", "coins", "moon", "rocket", "text"):
         try:
             arr = getattr(data, name)()  # shipped with the package (others are fetched: no network here)
-        except Exception:  # noqa: BLE001  (a sample that would need a download)
+        except Exception:
             continue
         Image.fromarray(arr).save(root / f"{name}.png")  # grayscale ones too: the loader makes RGB
         saved.append(name)

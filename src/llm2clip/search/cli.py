@@ -10,7 +10,7 @@ INDEX_EPILOG = """\
 examples:
   llm2clip index photos/ --model runs/stage2-scenes/model --out photos.index
   llm2clip index photos/ --model M --out photos.index --hnsw          # approximate, for millions of images
-  llm2clip index photos/ --model M --out photos.index --device cuda --dtype bfloat16 --workers 8
+  llm2clip index photos/ --model M --out photos.index --device cuda --precision bf16 --workers 8
 
 A killed run continues where it stopped when rerun with the same arguments (embeddings are written in
 atomic chunks). Unreadable files are skipped, printed, and listed in INDEX/skipped.txt.
@@ -62,9 +62,11 @@ def add_commands(sub) -> None:
 
 
 def _model_args(p) -> None:
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="model precision (default float32)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N (default auto)")
+    # --dtype: the old name, kept working
+    p.add_argument("--precision", "--dtype", dest="precision", default=None,
+                   choices=["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"],
+                   help="model weights' precision (default fp32)")
 
 
 def run_index(args) -> int:
@@ -72,7 +74,7 @@ def run_index(args) -> int:
 
     res = build_index(args.images_dir, args.model, args.out, hnsw=args.hnsw, hnsw_m=args.hnsw_m,
                       ef_construction=args.ef_construction, ef_search=args.ef_search, chunk_size=args.chunk_size,
-                      batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
+                      batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
                       progress=False if args.no_progress else None)
     kind = "HNSW" if args.hnsw else "flat inner product"
     state = "already complete" if res.already_complete else "indexed"
@@ -93,7 +95,7 @@ def run_search(args) -> int:
     if (args.query is None) == (args.image is None):
         raise InputError("give a text QUERY or --image PATH (exactly one)")
     hits = search_index(args.index, args.query, image=args.image, k=args.k, model=args.model, device=args.device,
-                        dtype=args.dtype, caption_encoder=args.caption_encoder, ef_search=args.ef_search)
+                        precision=args.precision, caption_encoder=args.caption_encoder, ef_search=args.ef_search)
     if args.json:
         print(json.dumps([h.__dict__ for h in hits], indent=1))
         return 0

@@ -202,8 +202,8 @@ def _index_settings(hnsw: bool, hnsw_m: int, ef_construction: int, ef_search: in
 
 def build_index(images_dir: str | Path, model, out: str | Path, *, hnsw: bool = False, hnsw_m: int = 32,
                 ef_construction: int = 80, ef_search: int = 64, chunk_size: int = 1024, batch_size: int = 64,
-                workers: int = 0, device: str = "cpu", dtype=None, progress: bool | None = None,
-                stop_after_chunks: int | None = None) -> IndexResult:
+                workers: int = 0, device: str = "auto", precision=None, progress: bool | None = None,
+                stop_after_chunks: int | None = None, dtype=None) -> IndexResult:
     """Embed every image under ``images_dir`` with ``model`` (a LoadedModel or a model folder) into ``out``.
 
     Resumable: rerun with the same arguments after a kill. Unreadable files are skipped and listed."""
@@ -215,7 +215,8 @@ def build_index(images_dir: str | Path, model, out: str | Path, *, hnsw: bool = 
     if chunk_size < 1 or batch_size < 1 or workers < 0:
         raise ConfigError("chunk_size and batch_size must be >= 1 and workers >= 0")
     root, out = Path(images_dir).resolve(), Path(out).resolve()
-    lm = model if isinstance(model, LoadedModel) else load(model, device=device, dtype=dtype, lazy_text=True)
+    lm = model if isinstance(model, LoadedModel) else load(model, device=device, precision=precision, dtype=dtype,
+                                                           lazy_text=True)
     settings = _index_settings(hnsw, hnsw_m, ef_construction, ef_search)
     if (out / INDEX_MANIFEST).is_file():
         idx = ImageIndex.open(out)
@@ -400,7 +401,8 @@ class ImageIndex:
         return out
 
 
-def open_model_for(index: ImageIndex, model=None, device: str = "cpu", dtype=None, caption_encoder=None):
+def open_model_for(index: ImageIndex, model=None, device: str = "auto", precision=None, caption_encoder=None, *,
+                   dtype=None):
     """The index's own model (or ``model``, which must be the same), with the caption encoder built lazily."""
     from ..api import LoadedModel, load
 
@@ -411,19 +413,21 @@ def open_model_for(index: ImageIndex, model=None, device: str = "cpu", dtype=Non
         if not path or not Path(path).exists():
             raise ConfigError(f"{index.path}: the model that built this index ({path}) is not there; "
                               "pass --model with the same model's folder")
-        lm = load(path, device=device, dtype=dtype, caption_encoder=caption_encoder, lazy_text=True)
+        lm = load(path, device=device, precision=precision, dtype=dtype, caption_encoder=caption_encoder,
+                  lazy_text=True)
     index.check_model(lm)
     return lm
 
 
 def search_index(index: str | Path | ImageIndex, query: str | None = None, *, image=None, k: int = 10, model=None,
-                 device: str = "cpu", dtype=None, caption_encoder=None, ef_search: int | None = None) -> list[Hit]:
+                 device: str = "auto", precision=None, caption_encoder=None, ef_search: int | None = None,
+                 dtype=None) -> list[Hit]:
     """Top ``k`` images for a text query or a query image (a path or PIL image)."""
     if (query is None) == (image is None):
         raise InputError("give a text query or --image PATH (one of them)")
     idx = index if isinstance(index, ImageIndex) else ImageIndex.open(index)
     if ef_search is not None:
         idx.set_ef_search(ef_search)
-    lm = open_model_for(idx, model, device, dtype, caption_encoder)
+    lm = open_model_for(idx, model, device, precision, caption_encoder, dtype=dtype)
     q = lm.encode_text([query]) if query is not None else lm.encode_image([image])
     return idx.search(q, k)[0]
