@@ -1,0 +1,183 @@
+"""Training checkpoints of both stages: one folder per step, holding nothing but tensors and plain data.
+
+Layout: ``<root>/step_00000100/`` with ``train_state.pt`` (the training state: tensors, numbers, strings,
+lists, tuples and dicts only) beside whatever files the trainer adds (stage 2: the model as safetensors
+and its manifest). A checkpoint is built in a hidden temp folder, every file fsynced, then renamed into
+place, so a kill mid-write leaves the previous checkpoint as the newest complete one.
+
+The state is read with ``torch.load(weights_only=True)``: a file that carries a pickled object (a
+downloaded "checkpoint" that would run code) is refused before anything in it runs. RNG states are
+stored as tensors and ints for that reason.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, InputError
+from .fileio import fsync_dir, write_atomic
+
+STATE_FILE = "train_state.pt"
+FORMAT = "llm2clip-train-state"
+VERSION = 1
+_NAME = re.compile(r"step_(\d{8,})")
+_TMP = ".tmp_step_"
+_OLD = ".old_step_"
+
+
+# ------------------------------------------------------------------------------------------- rng
+def rng_state() -> dict:
+    """The torch, numpy, python (and CUDA) generator states as tensors and ints."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    s = {"torch": torch.get_rng_state(),
+         "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+         "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                    "gauss_next": gauss_next}}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    n = s["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = s["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ------------------------------------------------------------------------------------ discovery
+def step_of(path: str | Path) -> int | None:
+    m = _NAME.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / STATE_FILE).is_file()
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """The complete checkpoints under ``root``, oldest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if step_of(p) is not None and is_checkpoint(p)]
+    return sorted(found, key=step_of)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def prune(root: str | Path, keep: int) -> None:
+    """Keep the ``keep`` newest complete checkpoints; drop older ones and leftovers of killed writers."""
+    root = Path(root)
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for p in root.glob(f"{_OLD}*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def clear(root: str | Path) -> int:
+    """Remove every checkpoint under ``root`` (a run that starts over); returns how many."""
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    n = 0
+    for p in root.iterdir():
+        if p.is_dir() and (step_of(p) is not None or p.name.startswith((_TMP, _OLD))):
+            shutil.rmtree(p, ignore_errors=True)
+            n += step_of(p) is not None
+    return n
+
+
+# ---------------------------------------------------------------------------------------- write
+def _fsync_files(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(folder)
+
+
+def write_checkpoint(root: str | Path, step: int, state: dict, stage: str,
+                     write_files: Callable[[Path], None] | None = None, keep: int | None = None) -> Path:
+    """Write ``state`` (plain data) and the files ``write_files(folder)`` makes as checkpoint ``step``.
+
+    ``keep``: prune to that many checkpoints afterwards (None: keep all).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = step_dir(root, step), root / f"{_TMP}{step:08d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    if write_files is not None:
+        write_files(tmp)
+    _fsync_files(tmp)
+    # the state goes last: a folder is complete once its state file is there
+    full = {"format": FORMAT, "version": VERSION, "stage": stage, "step": int(step), **state}
+    write_atomic(tmp / STATE_FILE, lambda f: torch.save(full, f))
+    if final.exists():  # the same step again (a finished run saved once more): swap, then drop the old one
+        old = root / f"{_OLD}{step:08d}"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    fsync_dir(root)
+    if keep is not None:
+        prune(root, keep)
+    return final
+
+
+# ----------------------------------------------------------------------------------------- read
+def load_state(path: str | Path, stage: str | None = None) -> dict:
+    """The training state of checkpoint folder ``path``, read as tensors and plain data only.
+
+    Raises ConfigError when ``path`` is no checkpoint folder, InputError when its state file holds
+    pickled objects (refused unread), is damaged, or has a layout this version does not know.
+    """
+    path = Path(path)
+    f = path / STATE_FILE if path.is_dir() else path
+    if not f.is_file():
+        raise ConfigError(f"{path}: not a checkpoint folder (no {STATE_FILE})")
+    try:
+        st = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only stopped before running anything
+        msg = " ".join(str(err).split())
+        detail = msg.split("WeightsUnpickler error:")[-1].split(". Please")[0].split(" Check the doc")[0].strip()
+        if "GLOBAL" in msg:
+            raise InputError(f"{f}: refused: the file holds pickled Python objects, not only tensors and plain "
+                             f"data, and loading it could run code ({detail})") from None
+        raise InputError(f"{f}: cannot read this training state: damaged, or not a plain torch.save file "
+                         f"({detail})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise InputError(f"{f}: cannot read this training state ({err})") from None
+    if not isinstance(st, dict) or st.get("format") != FORMAT:
+        raise InputError(f"{f}: not an llm2clip training state (unknown layout; expected format {FORMAT!r})")
+    if st.get("version") != VERSION:
+        raise InputError(f"{f}: training-state version {st.get('version')!r}; this llm2clip reads version {VERSION}")
+    if stage is not None and st.get("stage") != stage:
+        raise InputError(f"{f}: a {st.get('stage')} checkpoint, not a {stage} one")
+    return st

@@ -1,0 +1,66 @@
+"""The checkpoint format of both training stages: plain data only, atomic folders, newest-complete discovery."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from stage2_helpers import write_pickle_bomb
+
+from llm2clip import checkpointing as C
+from llm2clip.errors import ConfigError, InputError
+
+
+def _draws():
+    return random.random(), random.gauss(0, 1), float(np.random.rand()), float(torch.rand(1))
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    random.gauss(0, 1)  # python's cached second gaussian is part of the state
+    np.random.standard_normal()
+    state = C.rng_state()
+    want = _draws()
+    C.write_checkpoint(tmp_path, 1, {"rng": state}, "stage1")
+    C.set_rng_state(C.load_state(tmp_path / "step_00000001", "stage1")["rng"])
+    assert _draws() == want
+    assert torch.load(tmp_path / "step_00000001" / C.STATE_FILE, weights_only=True)["format"] == C.FORMAT
+
+
+def test_discovery_takes_the_newest_complete_checkpoint_and_prunes(tmp_path):
+    for step in (5, 10, 20):
+        C.write_checkpoint(tmp_path, step, {}, "stage2", lambda d: (d / "extra.bin").write_bytes(b"x"), keep=2)
+    assert [p.name for p in C.list_checkpoints(tmp_path)] == ["step_00000010", "step_00000020"]
+    assert (tmp_path / "step_00000020" / "extra.bin").read_bytes() == b"x"
+    (tmp_path / "step_00000030").mkdir()  # killed before its state file: not a checkpoint
+    (tmp_path / ".tmp_step_00000040").mkdir()  # a killed writer's temp folder
+    assert C.latest_checkpoint(tmp_path).name == "step_00000020"
+    for step in (99_999_999, 100_000_000):  # past 8 digits: by number, not by name
+        C.write_checkpoint(tmp_path, step, {}, "stage2")
+    assert C.latest_checkpoint(tmp_path).name == "step_100000000"
+    C.write_checkpoint(tmp_path, 20, {"again": 1}, "stage2")  # the same step once more replaces it
+    assert C.load_state(tmp_path / "step_00000020")["again"] == 1
+    assert C.clear(tmp_path) == 5 and not any(tmp_path.iterdir())
+
+
+def test_pickled_objects_are_refused_unread(tmp_path):
+    f, marker = tmp_path / "step_00000002" / C.STATE_FILE, tmp_path / "pwned"
+    write_pickle_bomb(f, marker)
+    with pytest.raises(InputError, match=r"train_state\.pt: refused: .*pickled Python objects"):
+        C.load_state(f.parent)
+    assert not marker.exists()
+    torch.load(f, weights_only=False)  # the test's own check: a pickle-trusting load would run it
+    assert marker.exists()
+
+
+def test_unknown_layouts_and_paths_fail_clearly(tmp_path):
+    with pytest.raises(ConfigError, match="not a checkpoint folder"):
+        C.load_state(tmp_path)
+    torch.save({"step": 3, "lora": {}}, tmp_path / C.STATE_FILE)  # e.g. an older or foreign layout
+    with pytest.raises(InputError, match="unknown layout"):
+        C.load_state(tmp_path)
+    (tmp_path / C.STATE_FILE).write_bytes(b"garbage")
+    with pytest.raises(InputError, match="cannot read"):
+        C.load_state(tmp_path)
+    C.write_checkpoint(tmp_path / "c", 1, {}, "stage1")
+    with pytest.raises(InputError, match="a stage1 checkpoint, not a stage2 one"):
+        C.load_state(tmp_path / "c" / "step_00000001", "stage2")
