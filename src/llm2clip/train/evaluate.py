@@ -1,24 +1,21 @@
 """Retrieval on a held-out set during training: I2T and T2I R@K with one caption per image and kind.
 
-A simple 1:1 metric for monitoring; the full metric module lives in llm2clip.eval.
+Scored by llm2clip.eval.retrieval, the module `llm2clip eval` uses, so the numbers a run logs follow
+the same rule (ties count against the query: constant features score 0, not 100 %).
 """
 
 from __future__ import annotations
 
 import torch
 
+# the module itself: llm2clip.eval's other modules (benchmarks, reports) are not needed here
+from ..eval.retrieval import retrieval_ranks
+
 
 def recall_at_k(image: torch.Tensor, text: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
-    """Caption i belongs to image i. Ties count in the query's favour (strict >)."""
-    sim = image.float() @ text.float().T
-    diag = sim.diagonal()
-    i2t_rank = (sim > diag[:, None]).sum(1)
-    t2i_rank = (sim > diag[None, :]).sum(0)
-    out = {}
-    for k in ks:
-        out[f"i2t_R@{k}"] = float((i2t_rank < k).float().mean())
-        out[f"t2i_R@{k}"] = float((t2i_rank < k).float().mean())
-    return out
+    """Caption i belongs to image i; scores are cosine similarities, as in `llm2clip eval`."""
+    ranks = retrieval_ranks(image, text, torch.arange(len(text)))
+    return ranks.recall(ks)
 
 
 @torch.no_grad()
