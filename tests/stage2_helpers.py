@@ -8,6 +8,41 @@ import socket
 import torch
 
 
+class SimulatedCrash(RuntimeError):
+    """Raised by ``CrashAt``: a run killed between checkpoints."""
+
+
+class CrashAt:
+    """A ``fit`` callback that kills the run at the end of step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, step: int) -> None:
+        if step >= self.step:
+            raise SimulatedCrash(f"stopped at step {step}")
+
+
+class _Bomb:
+    """Unpickling it calls ``open(marker, "w")``: proof that a loader ran code from the file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def write_pickle_bomb(path, marker) -> None:
+    """A training-state file of the expected layout that also carries a pickled object (``_Bomb``)."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": "llm2clip-train-state", "version": 1, "stage": "stage2", "step": 2,
+                "payload": _Bomb(marker)}, path)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -138,19 +173,19 @@ def write_scene_manifest(folder, count: int, render_size: int = 16, corrupt=(), 
     return path
 
 
-def fit_worker_resumable(rank: int, world: int, port: int, cfg_dict: dict, resume=None, stop_at_step=None) -> None:
-    """``fit_worker`` with ``resume`` and ``stop_at_step`` (a SimulatedCrash there ends the worker quietly)."""
+def fit_worker_resumable(rank: int, world: int, port: int, cfg_dict: dict, resume=None, crash_at=None) -> None:
+    """``fit_worker`` with ``resume`` and a crash at step ``crash_at`` (which ends the worker quietly)."""
     from llm2clip.config import parse_config
     from llm2clip.train.config import RunConfig
     from llm2clip.train.distributed import DistInfo
-    from llm2clip.train.loop import SimulatedCrash, fit
+    from llm2clip.train.loop import fit
 
     _init(rank, world, port)
     try:
         cfg = parse_config(cfg_dict, RunConfig)
         try:
-            fit(cfg, resume=resume, stop_at_step=stop_at_step, progress=False,
-                dist_info=DistInfo(rank, world, 0, torch.device("cpu")))
+            fit(cfg, resume=resume, progress=False, dist_info=DistInfo(rank, world, 0, torch.device("cpu")),
+                callbacks=[CrashAt(crash_at)] if crash_at is not None else ())
         except SimulatedCrash:
             pass
     except BaseException:  # a nonzero exit makes mp.spawn raise; no barrier, the peer may be gone

@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 from llm2clip.data.images import InMemoryFeatures, load_image_file, load_manifest
 from llm2clip.data.shards import ShardStream, expand_shards, index_shard, write_shards
 from llm2clip.errors import ConfigError, InputError
-from llm2clip.train.loop import SimulatedCrash, fit
-from stage2_helpers import assert_same_tensors, model_weights, run_cfg, fit_worker_resumable, free_port, tiny_run_config, write_scene_manifest
+from llm2clip.train.loop import fit
+from stage2_helpers import CrashAt, SimulatedCrash, assert_same_tensors, model_weights, run_cfg, fit_worker_resumable, free_port, tiny_run_config, write_scene_manifest
 
 
 _cfg, _weights, _same = run_cfg, model_weights, assert_same_tensors
@@ -144,7 +144,7 @@ def test_webdataset_resume_equals_uninterrupted(tmp_path):
     over = dict(data__train=src, data__val=None, data__augment="crop", train__steps=6, train__checkpoint_every=3)
     fit(_cfg(tmp_path / "a", **over), progress=False)
     with pytest.raises(SimulatedCrash):
-        fit(_cfg(tmp_path / "b", **over), progress=False, stop_at_step=5)
+        fit(_cfg(tmp_path / "b", **over), progress=False, callbacks=[CrashAt(5)])
     fit(_cfg(tmp_path / "b", data__workers=2, **over), resume=True, progress=False)  # workers: the same batches
     _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
     sa = torch.load(tmp_path / "a/checkpoints/step_00000006/train_state.pt", weights_only=False)

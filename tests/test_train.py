@@ -8,15 +8,23 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 from PIL import Image
+from stage2_helpers import (
+    CrashAt,
+    SimulatedCrash,
+    assert_same_tensors,
+    fit_worker,
+    free_port,
+    model_weights,
+    run_cfg,
+    tiny_run_config,
+)
 
 from llm2clip.config import load_config, parse_config
 from llm2clip.errors import ConfigError, InputError
 from llm2clip.model import LLM2CLIP
 from llm2clip.train.cli import add_commands
 from llm2clip.train.config import RunConfig
-from llm2clip.train.loop import SimulatedCrash, fit
-from stage2_helpers import assert_same_tensors, model_weights, run_cfg, fit_worker, free_port, tiny_run_config
-
+from llm2clip.train.loop import fit
 
 _cfg, _weights, _same = run_cfg, model_weights, assert_same_tensors
 
@@ -62,12 +70,12 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     over = dict(train__steps=6, train__checkpoint_every=3, train__eval_every=0)
     fit(_cfg(tmp_path / "a", **over), progress=False)
     with pytest.raises(SimulatedCrash):  # dies after step 5, its last checkpoint is step 3
-        fit(_cfg(tmp_path / "b", **over), progress=False, stop_at_step=5)
+        fit(_cfg(tmp_path / "b", **over), progress=False, callbacks=[CrashAt(5)])
     assert not (tmp_path / "b" / "model").exists()
     fit(_cfg(tmp_path / "b", **over), resume=True, progress=False)
     _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
-    sa = torch.load(tmp_path / "a/checkpoints/step_00000006/train_state.pt", weights_only=False)
-    sb = torch.load(tmp_path / "b/checkpoints/step_00000006/train_state.pt", weights_only=False)
+    sa = torch.load(tmp_path / "a/checkpoints/step_00000006/train_state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b/checkpoints/step_00000006/train_state.pt", weights_only=True)
     assert sa["data"] == sb["data"] and sa["scheduler"] == sb["scheduler"]
 
 
@@ -174,3 +182,76 @@ def test_standardize_takes_statistics_of_the_training_captions(tmp_path):
     x = torch.nn.functional.normalize(torch.from_numpy(np.asarray(feats.get_by_ids(ids), np.float32)), dim=-1)
     assert torch.allclose(model.text.in_mean, x.mean(0), atol=1e-6)
     assert torch.allclose(model.text.in_std, x.std(0), atol=1e-6)
+
+
+# ----------------------------------------------------------------------- retrieval rule
+class _Constant(torch.nn.Module):
+    """A collapsed model: every image and caption gets the same feature."""
+
+    def encode_image(self, x):
+        return torch.nn.functional.normalize(torch.ones(len(x), 4), dim=-1)
+
+    def encode_text(self, t):
+        return torch.nn.functional.normalize(torch.ones(len(t), 4), dim=-1)
+
+
+def test_training_retrieval_counts_ties_against_the_query_as_eval_does():
+    from llm2clip.eval.retrieval import retrieval_metrics
+    from llm2clip.train.evaluate import evaluate_retrieval, recall_at_k
+
+    n = 16
+    ev = evaluate_retrieval(_Constant(), torch.zeros(n, 3, 2, 2), {"dense": torch.zeros(n, 4)}, torch.device("cpu"))
+    for key in ("dense/i2t_R@1", "dense/t2i_R@1", "dense/i2t_R@5", "dense/t2i_R@10"):
+        k = int(key.rsplit("@", 1)[1])
+        assert ev[key] <= k / n  # at most chance, never the 100 % that ties in the query's favour gave
+        assert ev[key] == 0.0
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g)
+    txt[3] = txt[5]  # a tie
+    ref = retrieval_metrics(img, txt, torch.arange(n), ks=(1, 5, 10))
+    assert recall_at_k(img, txt) == {k: v for k, v in ref.items() if "_R@" in k}
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_checkpoint_holding_pickled_objects_is_refused_unread(tmp_path):
+    from stage2_helpers import write_pickle_bomb
+
+    from llm2clip.train.checkpoint import load_train_state
+
+    fit(_cfg(tmp_path / "run", train__steps=2, train__eval_every=0), progress=False)
+    ck = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert load_train_state(ck)["step"] == 2  # tensors and plain data: weights_only reads it
+    marker = tmp_path / "pwned"
+    write_pickle_bomb(ck / "train_state.pt", marker)
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(tiny_run_config(tmp_path / "other", train__steps=3)))
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    for argv in (["--resume", str(ck)], ["--run-dir", str(tmp_path / "run")]):  # a given path; the default
+        args = parser.parse_args(["train", str(cfg_file), "--no-progress", *argv])
+        with pytest.raises(InputError, match=r"step_00000002/train_state\.pt: refused: .*pickled"):
+            args.func(args)
+        assert not marker.exists()
+
+
+def test_train_resumes_by_default_and_no_resume_starts_over(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(tiny_run_config("out", train__eval_every=0, train__checkpoint_every=2)))
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    assert parser.parse_args(["train", str(cfg_file)]).resume == "latest"
+    assert parser.parse_args(["train", str(cfg_file), "--no-resume"]).resume is False
+    assert parser.parse_args(["train", str(cfg_file), "--resume", "x"]).resume == "x"
+    run = tmp_path / "out"
+
+    def train(*argv):
+        args = parser.parse_args(["train", str(cfg_file), "--no-progress", *argv])
+        assert args.func(args) == 0
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return ([r["step"] for r in rows if "loss" in r],
+                sorted(p.name for p in (run / "checkpoints").iterdir()))
+
+    assert train("--steps", "2") == ([1, 2], ["step_00000002"])
+    assert train("--steps", "4") == ([1, 2, 3, 4], ["step_00000002", "step_00000004"])  # continued at 3
+    # starting over clears the old run's checkpoints: its step 4 would outrank the new step 2
+    assert train("--steps", "2", "--no-resume") == ([1, 2], ["step_00000002"])

@@ -1,36 +1,25 @@
-"""Training checkpoints: the model (safetensors + manifest) and everything needed to resume exactly.
+"""Stage-2 checkpoints: the model (safetensors + manifest) and everything needed to resume exactly.
 
-Layout: ``<run_dir>/checkpoints/step_00000100/{model.safetensors, llm2clip_model.json, train_state.pt}``.
-A checkpoint is written to a temporary folder and renamed, so a kill mid-write leaves the previous one.
+Layout (llm2clip.checkpointing, shared with stage 1):
+``<run_dir>/checkpoints/step_00000100/{model.safetensors, llm2clip_model.json, train_state.pt}``, written
+to a temp folder and renamed, read back with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import random
-import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from ..checkpointing import STATE_FILE, clear, latest_checkpoint, load_state, rng_state, set_rng_state, write_checkpoint
+from ..checkpointing import list_checkpoints as _list
 from ..errors import ConfigError
+from ..fileio import write_json_atomic
 
-STATE_FILE = "train_state.pt"
-
-
-def rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+STAGE = "stage2"
+__all__ = ["STATE_FILE", "checkpoint_dir", "clear_checkpoints", "list_checkpoints", "load_train_state",
+           "load_weights_and_optimizer", "resolve_resume", "rng_state", "save_checkpoint", "save_model",
+           "set_rng_state"]
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -41,8 +30,6 @@ def save_model(model, path: str | Path, state_dict: dict | None = None) -> Path:
     """``model.save(path)``, or the same files from a full state dict gathered off a sharded (FSDP) model."""
     if state_dict is None:
         return model.save(path)
-    import json
-
     from safetensors.torch import save_file
 
     from ..model import MODEL_MANIFEST, MODEL_WEIGHTS
@@ -50,36 +37,26 @@ def save_model(model, path: str | Path, state_dict: dict | None = None) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path / MODEL_WEIGHTS), metadata={"format": "pt"})
-    (path / MODEL_MANIFEST).write_text(json.dumps(model.manifest(), indent=2))
+    write_json_atomic(path / MODEL_MANIFEST, model.manifest())
     return path
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, scaler, data_state: dict,
                     config: dict, keep: int = 2, full_state: tuple[dict, dict] | None = None) -> Path:
     """``full_state``: (model, optimizer) state gathered from a sharded model (train.fsdp.gather_full_state)."""
-    root = checkpoint_dir(run_dir)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model(model, tmp, full_state[0] if full_state else None)
-    optim = full_state[1] if full_state else optimizer.state_dict()
-    torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "data": data_state,
-                "rng": rng_state(), "config": config}, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    state = {"optimizer": full_state[1] if full_state else optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+             "data": data_state, "rng": rng_state(), "config": config}
+    return write_checkpoint(checkpoint_dir(run_dir), step, state, STAGE,
+                            lambda tmp: save_model(model, tmp, full_state[0] if full_state else None), keep)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
+    return _list(checkpoint_dir(run_dir))
+
+
+def clear_checkpoints(run_dir: str | Path) -> int:
+    return clear(checkpoint_dir(run_dir))
 
 
 def resolve_resume(run_dir: str | Path, resume: str | bool | None) -> Path | None:
@@ -87,8 +64,7 @@ def resolve_resume(run_dir: str | Path, resume: str | bool | None) -> Path | Non
     if not resume:
         return None
     if resume is True or resume == "latest":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
+        return latest_checkpoint(checkpoint_dir(run_dir))
     p = Path(resume)
     if not (p / STATE_FILE).is_file():
         raise ConfigError(f"--resume: {p}: not a checkpoint folder (no {STATE_FILE})")
@@ -112,4 +88,5 @@ def load_weights_and_optimizer(model, optimizer, ckpt: Path, optimizer_state: di
 
 
 def load_train_state(path: Path) -> dict:
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
+    """Tensors and plain data only (weights_only); a file with pickled objects is refused unread."""
+    return load_state(path, STAGE)

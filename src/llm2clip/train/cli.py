@@ -8,8 +8,8 @@ from pathlib import Path
 
 EPILOG = """\
 examples:
-  llm2clip train configs/stage2-scenes.yaml
-  llm2clip train run.yaml --resume              # continue from the newest checkpoint of run_dir
+  llm2clip train configs/stage2-scenes.yaml    # continues from run_dir's newest checkpoint, if any
+  llm2clip train run.yaml --no-resume           # start over (run_dir's checkpoints and metrics are cleared)
   llm2clip train run.yaml --resume runs/x/checkpoints/step_00000400
   torchrun --nproc_per_node=2 -m llm2clip train run.yaml     # DDP (gloo on CPU, nccl on GPU)
   llm2clip shards data/manifest.jsonl --out data/shards      # a manifest into webdataset tar shards
@@ -26,7 +26,8 @@ val, features, caption_kinds), optim (lr, weight_decay, layer_decay, warmup_step
 train (batch_size, steps, accum_steps, precision, strategy, grad_checkpointing, checkpoint_every,
 eval_every).
 The run folder gets config.json, metrics.jsonl, checkpoints/ and the final model/ (safetensors +
-llm2clip_model.json, which pins the caption encoder's identity).
+llm2clip_model.json, which pins the caption encoder's identity). A rerun resumes from the newest
+complete checkpoint in run_dir; --no-resume starts over.
 """
 
 
@@ -43,8 +44,12 @@ def add_commands(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", type=Path, metavar="CONFIG", help="YAML run config")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="resume from the newest checkpoint of run_dir (no value) or from the given folder")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", nargs="?", const="latest", default="latest", metavar="CHECKPOINT",
+                        help="resume from the given checkpoint folder (default, or with no value: the newest "
+                             "checkpoint of run_dir, if any)")
+    resume.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="start over from step 0; run_dir's checkpoints and metrics.jsonl are cleared")
     p.add_argument("--run-dir", type=Path, help="override run_dir")
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--device", help="override train.device (auto, cpu, cuda, cuda:N)")

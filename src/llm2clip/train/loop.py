@@ -18,25 +18,37 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.images import (PairDataset, StepBatchSampler, build_caption_encoder, caption_texts, collate,
-                           encode_captions, load_image_file, load_manifest)
+from ..data.images import (
+    PairDataset,
+    StepBatchSampler,
+    build_caption_encoder,
+    caption_texts,
+    collate,
+    encode_captions,
+    load_image_file,
+    load_manifest,
+)
 from ..data.shards import sync_positions
 from ..errors import ConfigError, InputError
+from ..fileio import write_json_atomic
 from ..losses import build_loss
 from ..model import LLM2CLIP, caption_encoder_record, check_identity
 from ..vision import build_transform
-from .checkpoint import (load_train_state, load_weights_and_optimizer, resolve_resume, save_checkpoint, save_model,
-                         set_rng_state)
+from .checkpoint import (
+    clear_checkpoints,
+    load_train_state,
+    load_weights_and_optimizer,
+    resolve_resume,
+    save_checkpoint,
+    save_model,
+    set_rng_state,
+)
 from .config import FashionMnistSource, ManifestSource, RunConfig, ScenesSource, WebDatasetSource
 from .distributed import DistInfo, barrier, init_distributed
 from .evaluate import evaluate_retrieval
 from .fsdp import gather_full_state, reduce_replicated_grads
 
 log = logging.getLogger(__name__)
-
-
-class SimulatedCrash(RuntimeError):
-    """Raised by ``fit(stop_at_step=...)``: tests use it to kill a run between checkpoints."""
 
 
 # ------------------------------------------------------------------------------------- data
@@ -128,166 +140,242 @@ class _Metrics:
             self.f.close()
 
 
-# ------------------------------------------------------------------------------------- fit
-def fit(cfg: RunConfig, resume: str | bool | None = None, stop_at_step: int | None = None,
-        progress: bool | None = None, dist_info: DistInfo | None = None) -> dict:
-    """Train from ``cfg``; returns the last metrics. ``resume``: True/'latest' or a checkpoint folder."""
-    T, O = cfg.train, cfg.optim
-    if T.threads:
-        torch.set_num_threads(T.threads)
-    di = dist_info or init_distributed(T.device)
-    run_dir = Path(cfg.run_dir)
-    if di.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    torch.manual_seed(cfg.seed)  # identical init on every rank
+# ------------------------------------------------------------------------------------- trainer
+class Callback:
+    """Hooks into a run; tests use them (e.g. to kill a run between checkpoints)."""
 
-    # data (a webdataset source streams; its records are read up front only for in-memory caption encoding)
-    streamed = isinstance(cfg.data.train, WebDatasetSource)
-    in_memory = cfg.data.features is not None and cfg.data.features.encoder is not None
-    train_records, train_loader_fn = ([], None) if streamed and not in_memory else build_source(cfg.data.train)
-    val_records, val_loader_fn = (build_source(cfg.data.val) if cfg.data.val is not None else ([], None))
-    val_records = val_records[: cfg.data.val_max]
-    features = build_features(cfg, [train_records, val_records])
+    def on_step_end(self, trainer: Stage2Trainer, step: int) -> None:
+        pass
 
-    # model
-    identity = dict(features.identity) if features is not None else None
-    model = LLM2CLIP(cfg.model, text_dim=features.dim if features is not None else None, text_identity=identity,
-                     caption_encoder_config=caption_encoder_record(cfg.data.features, features))
-    if model.uses_adapter and model.text.standardize:
-        model.text.fit_standardization(_training_embeddings(features, train_records))
-    if T.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    model.to(di.device)
-    fsdp = T.strategy == "fsdp" and di.world > 1
-    if fsdp:
-        from .fsdp import shard_model
 
-        shard_model(model, di.device)
-    tokenize = None if model.uses_adapter else model.text.tokenize
-    v = model.visual
-    train_tf = build_transform(v.image_size, v.mean, v.std, train=True, augment=cfg.data.augment)
-    eval_tf = build_transform(v.image_size, v.mean, v.std, train=False)
-    # a small set under a deterministic transform is decoded and transformed once per image, not per draw
-    small = len(train_records) * 3 * v.image_size**2 * 4 <= 512 << 20
-    dataset = PairDataset(train_records, train_loader_fn, train_tf, cfg.data.caption_kinds, cfg.seed,
-                          features if model.uses_adapter else None, tokenize,
-                          cache_images=cfg.data.augment == "none" and cfg.data.workers == 0 and small)
+class Stage2Trainer:
+    """One stage-2 run, in named steps: data, model, restore, loader, then per step train_step, log,
+    evaluate and checkpoint, and finish. ``fit`` runs them in that order."""
 
-    optimizer = _build_opt(model, O)
-    from .optim import build_scheduler
+    def __init__(self, cfg: RunConfig, resume: str | bool | None = True, progress: bool | None = None,
+                 dist_info: DistInfo | None = None, callbacks=()):
+        self.cfg, self.resume, self.progress, self.callbacks = cfg, resume, progress, list(callbacks)
+        T = cfg.train
+        if T.threads:
+            torch.set_num_threads(T.threads)
+        self.di = dist_info or init_distributed(T.device)
+        self.run_dir = Path(cfg.run_dir)
+        self.step, self.data_state = 0, {"skipped": 0, "seen": 0}
+        self.last: dict = {}
+        self.full = None  # FSDP: the state last gathered on rank 0
 
-    scheduler = build_scheduler(optimizer, T.steps, O.warmup_steps, O.lr, O.min_lr)
-    scaler = torch.amp.GradScaler(di.device.type) if T.precision == "fp16" else None
+    # --------------------------------------------------------------------------------- setup
+    def data(self) -> None:
+        """Records, caption features and the validation set's records (a webdataset source streams; its
+        records are read up front only for in-memory caption encoding)."""
+        cfg = self.cfg
+        self.streamed = isinstance(cfg.data.train, WebDatasetSource)
+        in_memory = cfg.data.features is not None and cfg.data.features.encoder is not None
+        self.train_records, self.train_loader_fn = (([], None) if self.streamed and not in_memory
+                                                    else build_source(cfg.data.train))
+        val_records, self.val_loader_fn = build_source(cfg.data.val) if cfg.data.val is not None else ([], None)
+        self.val_records = val_records[: cfg.data.val_max]
+        self.features = build_features(cfg, [self.train_records, self.val_records])
 
-    step, data_state = 0, {"skipped": 0, "seen": 0}
-    ckpt = resolve_resume(run_dir, resume)
-    if ckpt is not None:
+    def model(self) -> None:
+        cfg, T, di, features = self.cfg, self.cfg.train, self.di, self.features
+        self.identity = dict(features.identity) if features is not None else None
+        model = LLM2CLIP(cfg.model, text_dim=features.dim if features is not None else None,
+                         text_identity=self.identity,
+                         caption_encoder_config=caption_encoder_record(cfg.data.features, features))
+        if model.uses_adapter and model.text.standardize:
+            model.text.fit_standardization(_training_embeddings(features, self.train_records))
+        if T.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        model.to(di.device)
+        self.fsdp = T.strategy == "fsdp" and di.world > 1
+        if self.fsdp:
+            from .fsdp import shard_model
+
+            shard_model(model, di.device)
+        self.net = model
+        self.tokenize = None if model.uses_adapter else model.text.tokenize
+        v = model.visual
+        self.train_tf = build_transform(v.image_size, v.mean, v.std, train=True, augment=cfg.data.augment)
+        self.eval_tf = build_transform(v.image_size, v.mean, v.std, train=False)
+        self.optimizer = _build_opt(model, cfg.optim)
+        from .optim import build_scheduler
+
+        self.scheduler = build_scheduler(self.optimizer, T.steps, cfg.optim.warmup_steps, cfg.optim.lr,
+                                         cfg.optim.min_lr)
+        self.scaler = torch.amp.GradScaler(di.device.type) if T.precision == "fp16" else None
+
+    def restore(self) -> None:
+        """Continue from the checkpoint ``resume`` names; without one the run starts over, and the
+        folder's earlier checkpoints and metrics are cleared (they belong to the run it replaces)."""
+        ckpt = resolve_resume(self.run_dir, self.resume)
+        if ckpt is None:
+            if self.di.main:
+                n = clear_checkpoints(self.run_dir)
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+                if n:
+                    log.info("starting over: removed %d checkpoint(s) of %s", n, self.run_dir)
+            barrier()
+            return
         state = load_train_state(ckpt)
-        check_identity(json.loads((ckpt / "llm2clip_model.json").read_text()).get("text_identity"), identity,
+        check_identity(json.loads((ckpt / "llm2clip_model.json").read_text()).get("text_identity"), self.identity,
                        "feature store")
-        load_weights_and_optimizer(model, optimizer, ckpt, state["optimizer"], fsdp, di.device)
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        load_weights_and_optimizer(self.net, self.optimizer, ckpt, state["optimizer"], self.fsdp, self.di.device)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        step, data_state = int(state["step"]), dict(state["data"])
+        self.step, self.data_state = int(state["step"]), dict(state["data"])
+        if self.di.main:
+            log.info("resumed from %s at step %d", ckpt, self.step)
+
+    def loaders(self) -> None:
+        """The training loader from the current step on, the wrapped (DDP) model and the validation set."""
+        cfg, T, di, model = self.cfg, self.cfg.train, self.di, self.net
+        self.train_model = model
+        if di.world > 1 and not self.fsdp:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[di.device.index] if di.device.type == "cuda" else None)
+        self.loss_fn = build_loss(cfg.model.loss, T.local_loss, T.gather_with_grad)
+        feats = self.features if model.uses_adapter else None
+        if self.streamed:
+            from ..data.shards import stream_loader
+
+            self.loader = stream_loader(cfg.data.train, cfg, di, self.train_tf, feats, self.tokenize, self.step,
+                                        self.data_state)
+        else:
+            # a small set under a deterministic transform is decoded and transformed once per image, not per draw
+            small = len(self.train_records) * 3 * model.visual.image_size**2 * 4 <= 512 << 20
+            dataset = PairDataset(self.train_records, self.train_loader_fn, self.train_tf, cfg.data.caption_kinds,
+                                  cfg.seed, feats, self.tokenize,
+                                  cache_images=cfg.data.augment == "none" and cfg.data.workers == 0 and small)
+            sampler = StepBatchSampler(len(dataset), T.batch_size, di.world, di.rank, T.accum_steps, cfg.seed,
+                                       self.step, T.steps)
+            self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
+                                                      collate_fn=collate, persistent_workers=False)
+        self.val_set = None
+        if self.val_records:
+            imgs = torch.stack([self.eval_tf(self.val_loader_fn(r.image)) for r in self.val_records])
+            texts = {}
+            for kind, caps in first_captions(self.val_records, cfg.data.caption_kinds).items():
+                texts[kind] = (torch.from_numpy(np.asarray(self.features.get_by_ids([c.id for c in caps]),
+                                                           np.float32))
+                               if model.uses_adapter else self.tokenize([c.text for c in caps]))
+            self.val_set = (imgs, texts)
+
+    # ---------------------------------------------------------------------------------- steps
+    def train_step(self) -> float:
+        T = self.cfg.train
+        micro = [next(self._it) for _ in range(T.accum_steps)]
+        for m in micro:
+            self.data_state["skipped"] += m[2]
+        if self.streamed:
+            self.data_state["position"] = micro[-1][3]
+        self.data_state["seen"] += sum(len(m[0]) for m in micro)
+        _check_bad(self.data_state, self.cfg.data.max_bad_fraction)
+        loss = _train_step(self.train_model, self.net, micro, self.loss_fn, self.optimizer, self.scaler, T,
+                           self.cfg.optim, self.di)
+        self.scheduler.step()
+        self.net.clamp_logit_scale()
+        self.step += 1
+        self._n += T.batch_size
+        return loss
+
+    def log_step(self, loss: float) -> None:
+        T = self.cfg.train
+        if self.step % T.log_every == 0 or self.step == T.steps:
+            dt = time.perf_counter() - self._t0
+            self.last = {"step": self.step, "loss": loss, "lr": max(g["lr"] for g in self.optimizer.param_groups),
+                         "logit_scale": float(self.net.logit_scale.detach().exp()),
+                         "images_per_s": self._n / dt if dt else None, "skipped_images": self.data_state["skipped"]}
+            self.metrics.write(self.last)
+            self.bar.set_postfix(loss=f"{loss:.3f}", ips=f"{self.last['images_per_s']:.0f}")
+            self._t0, self._n = time.perf_counter(), 0
+
+    def evaluate(self) -> None:
+        T, di = self.cfg.train, self.di
+        if self.val_set is None or not ((T.eval_every and self.step % T.eval_every == 0) or self.step == T.steps):
+            return
+        if di.main or self.fsdp:  # FSDP: every rank takes part in the forward passes
+            ev = evaluate_retrieval(self.net, *self.val_set, di.device, T.eval_k, T.eval_batch_size,
+                                    _autocast(di.device, T.precision) if T.precision != "fp32" else None)
+            self.metrics.write({"step": self.step, "eval": ev})
+            self.last = {**self.last, "eval": ev}
+            if di.main:
+                self.bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if "R@1" in k))
+        barrier()
+
+    def checkpoint(self) -> None:
+        T = self.cfg.train
+        if not ((T.checkpoint_every and self.step % T.checkpoint_every == 0) or self.step == T.steps):
+            return
+        if self.streamed:
+            sync_positions(self.data_state)  # collective: every rank's shard position
+        self.full = gather_full_state(self.net, self.optimizer) if self.fsdp else None  # collective
+        if self.di.main:
+            save_checkpoint(self.run_dir, self.step, self.net, self.optimizer, self.scheduler, self.scaler,
+                            self.data_state, self.cfg.model_dump(mode="json"), T.keep_checkpoints, self.full)
+        if self.step < T.steps:
+            self.full = None  # rank 0's CPU holds the gathered state only for the final model/
+        barrier()
+
+    def finish(self) -> dict:
+        """The final model/ (gathered off the ranks under FSDP); returns the last metrics."""
+        if self.fsdp and self.full is None:
+            self.full = gather_full_state(self.net, self.optimizer)
+        if self.di.main:
+            save_model(self.net, self.run_dir / "model", self.full[0] if self.full else None)
+        return self.last
+
+    # ------------------------------------------------------------------------------------ run
+    def run(self) -> dict:
+        cfg, T, di = self.cfg, self.cfg.train, self.di
         if di.main:
-            log.info("resumed from %s at step %d", ckpt, step)
-
-    train_model = model
-    if di.world > 1 and not fsdp:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[di.device.index] if di.device.type == "cuda" else None)
-
-    loss_fn = build_loss(cfg.model.loss, T.local_loss, T.gather_with_grad)
-    if streamed:
-        from ..data.shards import stream_loader
-
-        loader = stream_loader(cfg.data.train, cfg, di, train_tf, features if model.uses_adapter else None, tokenize,
-                               step, data_state)
-    else:
-        sampler = StepBatchSampler(len(dataset), T.batch_size, di.world, di.rank, T.accum_steps, cfg.seed, step,
-                                   T.steps)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
-                                             collate_fn=collate, persistent_workers=False)
-
-    val_set = None
-    if val_records:
-        imgs = torch.stack([eval_tf(val_loader_fn(r.image)) for r in val_records])
-        texts = {}
-        for kind, caps in first_captions(val_records, cfg.data.caption_kinds).items():
-            texts[kind] = (torch.from_numpy(np.asarray(features.get_by_ids([c.id for c in caps]), np.float32))
-                           if model.uses_adapter else tokenize([c.text for c in caps]))
-        val_set = (imgs, texts)
-
-    metrics = _Metrics(run_dir / "metrics.jsonl" if di.main else None)
-    bar = tqdm(total=T.steps, initial=step, unit="step", desc="stage 2",
-               disable=True if (not di.main or progress is False) else (None if progress is None else False))
-    last: dict = {}
-    full = None  # FSDP: the state last gathered on rank 0
-    t0, n0 = time.perf_counter(), 0
-    it = iter(loader)
-    train_model.train()
-    try:
-        while step < T.steps:
-            micro = [next(it) for _ in range(T.accum_steps)]
-            for m in micro:
-                data_state["skipped"] += m[2]
-            if streamed:
-                data_state["position"] = micro[-1][3]
-            data_state["seen"] += sum(len(m[0]) for m in micro)
-            _check_bad(data_state, cfg.data.max_bad_fraction)
-            loss = _train_step(train_model, model, micro, loss_fn, optimizer, scaler, T, O, di)
-            scheduler.step()
-            model.clamp_logit_scale()
-            step += 1
-            n0 += T.batch_size
-            if stop_at_step is not None and step >= stop_at_step:
-                raise SimulatedCrash(f"stopped at step {step}")
-            if step % T.log_every == 0 or step == T.steps:
-                dt = time.perf_counter() - t0
-                last = {"step": step, "loss": loss, "lr": max(g["lr"] for g in optimizer.param_groups),
-                        "logit_scale": float(model.logit_scale.detach().exp()), "images_per_s": n0 / dt if dt else None,
-                        "skipped_images": data_state["skipped"]}
-                metrics.write(last)
-                bar.set_postfix(loss=f"{loss:.3f}", ips=f"{last['images_per_s']:.0f}")
-                t0, n0 = time.perf_counter(), 0
-            if val_set is not None and ((T.eval_every and step % T.eval_every == 0) or step == T.steps):
-                if di.main or fsdp:  # FSDP: every rank takes part in the forward passes
-                    ev = evaluate_retrieval(model, *val_set, di.device, T.eval_k, T.eval_batch_size,
-                                            _autocast(di.device, T.precision) if T.precision != "fp32" else None)
-                    row = {"step": step, "eval": ev}
-                    metrics.write(row)
-                    last = {**last, "eval": ev}
-                    if di.main:
-                        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if "R@1" in k))
-                barrier()
-            if (T.checkpoint_every and step % T.checkpoint_every == 0) or step == T.steps:
-                if streamed:
-                    sync_positions(data_state)  # collective: every rank's shard position
-                full = gather_full_state(model, optimizer) if fsdp else None  # collective
-                if di.main:
-                    save_checkpoint(run_dir, step, model, optimizer, scheduler, scaler, data_state,
-                                    cfg.model_dump(mode="json"), T.keep_checkpoints, full)
-                if step < T.steps:
-                    full = None  # rank 0's CPU holds the gathered state only for the final model/
-                barrier()
-            bar.update(1)
-    finally:
-        bar.close()
-        metrics.close()
-    if fsdp and full is None:
-        full = gather_full_state(model, optimizer)
-    if di.main:
-        save_model(model, run_dir / "model", full[0] if full else None)
-    return last
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)  # identical init on every rank
+        self.data()
+        self.model()
+        self.restore()
+        if di.main:
+            write_json_atomic(self.run_dir / "config.json", cfg.model_dump(mode="json"))
+        self.loaders()
+        self.metrics = _Metrics(self.run_dir / "metrics.jsonl" if di.main else None)
+        p = self.progress
+        self.bar = tqdm(total=T.steps, initial=self.step, unit="step", desc="stage 2",
+                        disable=True if (not di.main or p is False) else (None if p is None else False))
+        self._t0, self._n = time.perf_counter(), 0
+        self._it = iter(self.loader)
+        self.train_model.train()
+        try:
+            while self.step < T.steps:
+                loss = self.train_step()
+                self.log_step(loss)
+                self.evaluate()
+                self.checkpoint()
+                self.bar.update(1)
+                for cb in self.callbacks:
+                    cb.on_step_end(self, self.step)
+        finally:
+            self.bar.close()
+            self.metrics.close()
+        return self.finish()
 
 
-def _build_opt(model, O):
+def fit(cfg: RunConfig, resume: str | bool | None = True, progress: bool | None = None,
+        dist_info: DistInfo | None = None, callbacks=()) -> dict:
+    """Train from ``cfg``; returns the last metrics.
+
+    ``resume``: True/'latest' continues from the run's newest checkpoint (a fresh start when there is
+    none), a path from that checkpoint folder; False/None starts over, clearing the folder's old
+    checkpoints and metrics. ``callbacks``: objects with ``on_step_end(trainer, step)``.
+    """
+    return Stage2Trainer(cfg, resume, progress, dist_info, callbacks).run()
+
+
+def _build_opt(model, optim_cfg):
     from .optim import build_optimizer
 
-    return build_optimizer(model, O)
+    return build_optimizer(model, optim_cfg)
 
 
 def _check_bad(state: dict, max_fraction: float) -> None:
@@ -297,7 +385,7 @@ def _check_bad(state: dict, max_fraction: float) -> None:
                          f"{max_fraction}")
 
 
-def _train_step(train_model, model, micro, loss_fn, optimizer, scaler, T, O, di) -> float:
+def _train_step(train_model, model, micro, loss_fn, optimizer, scaler, T, optim_cfg, di) -> float:
     """One optimizer step over ``accum_steps`` micro-batches, contrasting the whole accumulated batch.
 
     With accumulation, features of every micro-batch are first computed without gradients; then each
@@ -329,10 +417,10 @@ def _train_step(train_model, model, micro, loss_fn, optimizer, scaler, T, O, di)
                     loss = loss_fn(imgs, txts, model.logit_scale, bias)
                 (scaler.scale(loss) if scaler else loss).backward()
     reduce_replicated_grads(model)  # FSDP: the unsharded logit scale/bias (no-op otherwise)
-    if O.grad_clip:
+    if optim_cfg.grad_clip:
         if scaler:
             scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), O.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
     if scaler:
         scaler.step(optimizer)
         scaler.update()
