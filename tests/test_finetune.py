@@ -3,6 +3,7 @@ MNTP masking, resume after a kill, 2 processes against 1, and the exported encod
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,14 +13,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from stage2_helpers import write_pickle_bomb
 
+from llm2clip.checkpointing import latest_checkpoint, list_checkpoints
+from llm2clip.errors import InputError
 from llm2clip.finetune.config import FinetuneConfig
-from llm2clip.finetune.contrastive import bucketed_backward, caption_contrastive_loss, grad_cached_backward, length_buckets
+from llm2clip.finetune.contrastive import (
+    bucketed_backward,
+    caption_contrastive_loss,
+    grad_cached_backward,
+    length_buckets,
+)
 from llm2clip.finetune.data import CaptionGroup, GroupedCaptions, PairSampler, load_groups_jsonl
 from llm2clip.finetune.lora import TrunkCache, add_lora
 from llm2clip.finetune.mntp import mask_tokens, mntp_loss
 from llm2clip.finetune.trainer import Stage1Trainer
-from llm2clip.errors import InputError
 from llm2clip.text import CaptionEncoder, LLMEncoderConfig
 
 WORDS = "red green blue yellow black white".split()
@@ -264,8 +272,8 @@ def test_mntp_prediction_comes_from_the_previous_position(tiny_llm_dir):
 
 # --------------------------------------------------------------------------- training
 def lora_state(out):
-    ck = sorted((Path(out) / "checkpoints").glob("step-*.pt"))[-1]
-    return torch.load(ck, weights_only=False)["lora"]
+    ck = latest_checkpoint(Path(out) / "checkpoints")
+    return torch.load(ck / "train_state.pt", weights_only=True)["lora"]
 
 
 def test_training_embeddings_equal_encode_time_embeddings(tiny_llm_dir, groups_file, tmp_path):
@@ -282,7 +290,7 @@ def test_training_embeddings_equal_encode_time_embeddings(tiny_llm_dir, groups_f
                                                              adapters=[str(tmp_path / "run" / "adapter")]))
     torch.testing.assert_close(enc.encode(CAPS), train_path.encode(CAPS), atol=1e-5, rtol=1e-5)
     tr2 = Stage1Trainer(config(tiny_llm_dir, groups_file, tmp_path / "fresh", lora={"top_layers": 1}), progress=False)
-    tr2.load_checkpoint(sorted((tmp_path / "run" / "checkpoints").glob("*.pt"))[-1])
+    tr2.load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))
     tr2.peft.eval()
     with torch.no_grad():
         trained = tr2.embed_items(tr2.encoder.tokenize(CAPS))
@@ -334,12 +342,12 @@ def test_resume_after_kill_equals_uninterrupted(tiny_llm_dir, groups_file, tmp_p
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 120
-    while time.time() < deadline and not list(ck.glob("step-000000[3-7].pt")):
+    while time.time() < deadline and not list(ck.glob("step_0000000[3-7]/train_state.pt")):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "encoder").exists()
-    steps_done = sorted(ck.glob("step-*.pt"))[-1].name
+    steps_done = latest_checkpoint(ck).name
     assert subprocess.run(cmd, env=_env(), capture_output=True).returncode == 0
     a, b = lora_state(tmp_path / "full"), lora_state(tmp_path / "killed")
     assert a.keys() == b.keys()
@@ -390,3 +398,56 @@ def test_plain_text_is_mixed_in_as_unsupervised_pairs(tiny_llm_dir, groups_file,
     text_groups = [g for g in tr.sampler.groups if g.group.startswith("text:")]
     assert [g.captions for g in text_groups] == [["a red dog on the left"] * 2, ["the blue car is big"] * 2]
     assert len(tr.sampler.groups) == 36 + 2
+
+
+# ------------------------------------------------------------------------- resume rule
+def test_finetune_text_resumes_by_default(monkeypatch, tmp_path):
+    import argparse
+
+    from llm2clip.finetune import cli, trainer
+
+    seen = []
+
+    class FakeTrainer:
+        def __init__(self, cfg, progress=None):
+            pass
+
+        def run(self, resume=True):
+            seen.append(resume)
+            return {}
+
+    monkeypatch.setattr(trainer, "Stage1Trainer", FakeTrainer)
+    y = tmp_path / "c.yaml"
+    y.write_text("encoder:\n  model: x\n  device: cpu\nout: run\n")
+    parser = argparse.ArgumentParser()
+    cli.add_commands(parser.add_subparsers())
+    for argv in (["finetune-text", str(y)], ["finetune-text", str(y), "--no-resume"]):
+        args = parser.parse_args(argv)
+        assert args.func(args) == 0
+    assert seen == [True, False]
+
+
+def test_starting_over_clears_the_earlier_run(tiny_llm_dir, groups_file, tmp_path):
+    """--no-resume on an unfinished folder: step 0, and the old run's checkpoints and metrics are gone (a
+    stale step-4 checkpoint would otherwise outrank the new ones and be resumed later)."""
+    out = tmp_path / "run"
+    Stage1Trainer(config(tiny_llm_dir, groups_file, out), progress=False).run()
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000002", "step_00000004"]
+    for p in ("encoder", "adapter"):  # as if killed before the export
+        shutil.rmtree(out / p)
+    (out / "summary.json").unlink()
+    short = config(tiny_llm_dir, groups_file, out, optim={"steps": 2})
+    assert Stage1Trainer(short, progress=False).run(resume=False)["step"] == 2
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000002"]
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 2]  # the final evaluation is logged as its own row
+
+
+def test_a_checkpoint_holding_pickled_objects_is_refused_unread(tiny_llm_dir, groups_file, tmp_path):
+    out = tmp_path / "run"
+    ck = out / "checkpoints" / "step_00000002"
+    marker = tmp_path / "pwned"
+    write_pickle_bomb(ck / "train_state.pt", marker)
+    with pytest.raises(InputError, match=r"step_00000002/train_state\.pt: refused"):
+        Stage1Trainer(config(tiny_llm_dir, groups_file, out), progress=False).run()
+    assert not marker.exists()

@@ -14,12 +14,15 @@ def add_commands(sub) -> None:
             "groups: a query, a positive of its group, a random hard negative of another group; captions of the same "
             "group are never negatives) or 'mntp' (masked next-token prediction on plain text). Writes checkpoints, "
             "metrics.jsonl, adapter/ and encoder/ (merged weights + manifest, loadable by path) into `out`. A rerun "
-            "resumes from the latest checkpoint, and skips a finished run. Multi-process: "
+            "resumes from the newest complete checkpoint (--no-resume starts over), and skips a finished run. "
+            "Multi-process: "
             "torchrun --nproc_per_node=N -m llm2clip finetune-text CONFIG."
         ),
     )
     p.add_argument("config", type=Path, help="YAML config (see configs/stage1_cupl.yaml)")
-    p.add_argument("--no-resume", action="store_true", help="start from step 0 even if checkpoints exist")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over from step 0: out's checkpoints and metrics.jsonl are cleared (a finished "
+                        "run, one with encoder/, is still skipped)")
     p.set_defaults(func=run)
 
 

@@ -1,10 +1,10 @@
 """The stage-1 training loop: caption-contrastive or MNTP LoRA fine-tuning of the caption encoder.
 
-Resumable exactly: batches are a pure function of (seed, step), and a checkpoint holds the
-LoRA weights, optimizer, scheduler and RNG states. Data parallel over torchrun processes: each
-rank takes its slice of the global batch, contrastive embeddings are gathered with gradients,
-and gradients are averaged over ranks after every backward (explicitly rather than through
-DDP hooks, which would fire once per chunk under gradient caching).
+Resumable exactly: batches are a pure function of (seed, step), and a checkpoint (llm2clip.checkpointing,
+the layout stage 2 uses) holds the LoRA weights, optimizer, scheduler and RNG states. Data parallel
+over torchrun processes: each rank takes its slice of the global batch, contrastive embeddings are
+gathered with gradients, and gradients are averaged over ranks after every backward (explicitly rather
+than through DDP hooks, which would fire once per chunk under gradient caching).
 """
 
 from __future__ import annotations
@@ -24,17 +24,29 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .. import checkpointing
 from ..data.captions import cupl_caption_set
 from ..errors import ConfigError
 from ..eval.cra import caption_retrieval_accuracy, paired_caption_retrieval
+from ..fileio import fsync_dir, write_json_atomic
 from ..text.encoder import ENCODER_MANIFEST, CaptionEncoder
 from .config import FinetuneConfig
 from .contrastive import bucketed_backward, distributed_contrastive_loss, grad_cached_backward, length_buckets, world
-from .data import CaptionGroup, GroupedCaptions, PairSampler, cupl_train_groups, load_groups_jsonl, load_text_corpus, merge_groups
+from .data import (
+    CaptionGroup,
+    GroupedCaptions,
+    PairSampler,
+    cupl_train_groups,
+    load_groups_jsonl,
+    load_text_corpus,
+    merge_groups,
+)
 from .lora import TrunkCache, add_lora
 from .mntp import mask_id_and_blocks, mask_tokens, mntp_evaluate, mntp_loss, special_mask
 
 log = logging.getLogger(__name__)
+STAGE = "stage1"
+KEEP_CHECKPOINTS = 2
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -49,15 +61,6 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class Stage1Trainer:
     def __init__(self, cfg: FinetuneConfig, progress: bool | None = None):
         self.cfg = cfg
@@ -66,7 +69,8 @@ class Stage1Trainer:
         self.progress = progress
         self.ckpt_dir = self.out / "checkpoints"
         if self.cfg.contrastive.batch_size % self.world:
-            raise ConfigError(f"contrastive.batch_size {cfg.contrastive.batch_size} is not divisible by {self.world} processes")
+            raise ConfigError(f"contrastive.batch_size {cfg.contrastive.batch_size} is not divisible by "
+                              f"{self.world} processes")
         torch.manual_seed(cfg.optim.seed)  # the same LoRA initialisation on every rank
 
         ecfg = cfg.encoder.model_copy(update={"dtype": "float32"})  # fp32 master weights; bf16 via autocast
@@ -164,7 +168,8 @@ class Stage1Trainer:
         docs = [p.positive for p in pairs] + ([p.negative for p in pairs] if c.hard_negatives else [])
         items = q_items + self.encoder.tokenize(docs)
         groups = torch.tensor([p.group for p in pairs])
-        doc_groups = torch.cat([groups, torch.tensor([p.negative_group for p in pairs])]) if c.hard_negatives else groups
+        doc_groups = (torch.cat([groups, torch.tensor([p.negative_group for p in pairs])]) if c.hard_negatives
+                      else groups)
         order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
@@ -257,41 +262,36 @@ class Stage1Trainer:
 
     # ----------------------------------------------------------------------- checkpoints
     def state(self) -> dict:
+        """Tensors and plain data only, so that loading needs no pickle (weights_only)."""
         return {
-            "step": self.step,
             "lora": {n: p.detach().cpu() for n, p in self.peft.named_parameters() if p.requires_grad},
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-            "config": self.cfg.model_dump(),
+            "rng": checkpointing.rng_state(),
+            "config": self.cfg.model_dump(mode="json"),
             "train_s": self.train_s(),
         }
 
     def save_checkpoint(self) -> None:
         if self.rank != 0:
             return
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(self.state(), self.ckpt_dir / f"step-{self.step:07d}.pt")
-        for old in sorted(self.ckpt_dir.glob("step-*.pt"))[:-2]:
-            old.unlink()
+        checkpointing.write_checkpoint(self.ckpt_dir, self.step, self.state(), STAGE, keep=KEEP_CHECKPOINTS)
 
     def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.ckpt_dir.glob("step-*.pt")) if self.ckpt_dir.is_dir() else []
-        return found[-1] if found else None
+        return checkpointing.latest_checkpoint(self.ckpt_dir)
 
     def load_checkpoint(self, path: Path) -> None:
-        st = torch.load(path, map_location="cpu", weights_only=False)
+        """Checkpoint folder ``path``; one holding pickled objects is refused unread (InputError)."""
+        st = checkpointing.load_state(path, STAGE)
         named = dict(self.peft.named_parameters())
         with torch.no_grad():
             for n, t in st["lora"].items():
                 named[n].copy_(t)
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
-        torch.set_rng_state(st["rng"]["torch"])
-        random.setstate(st["rng"]["python"])
-        np.random.set_state(st["rng"]["numpy"])
-        self.step = st["step"]
-        self._train_s_before = st.get("train_s", 0.0)
+        checkpointing.set_rng_state(st["rng"])
+        self.step = int(st["step"])
+        self._train_s_before = float(st.get("train_s", 0.0))
 
     # ------------------------------------------------------------------------------ run
     def train_s(self) -> float:
@@ -312,13 +312,15 @@ class Stage1Trainer:
             return json.loads((self.out / "summary.json").read_text()) if (self.out / "summary.json").is_file() else {}
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
-            (self.out / "config.json").write_text(json.dumps(c.model_dump(), indent=2))
+            write_json_atomic(self.out / "config.json", c.model_dump())
         ck = self.latest_checkpoint() if resume else None
         if ck:
             self.load_checkpoint(ck)
             log.info("resumed from %s (step %d)", ck.name, self.step)
-        elif self.rank == 0 and (self.out / "metrics.jsonl").exists():
-            (self.out / "metrics.jsonl").unlink()
+        elif self.rank == 0:  # starting over: the earlier run's checkpoints and metrics go
+            if checkpointing.clear(self.ckpt_dir):
+                log.info("starting over: removed the checkpoints of %s", self.out)
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
         self._t_start, self._eval_s = time.perf_counter(), 0.0
         t_start = self._t_start
         if self.trunk:
@@ -356,7 +358,7 @@ class Stage1Trainer:
         summary = {**final, "train_s": round(train_s, 3)}
         if self.rank == 0:
             self.export()
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_json_atomic(self.out / "summary.json", summary)
         return summary
 
     def export(self) -> None:
@@ -375,3 +377,4 @@ class Stage1Trainer:
         enc.save(tmp)
         shutil.rmtree(self.out / "encoder", ignore_errors=True)
         os.replace(tmp, self.out / "encoder")
+        fsync_dir(self.out)
