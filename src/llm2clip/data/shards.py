@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError, InputError
-from ..fileio import image_errors, open_image, write_atomic, write_json_atomic
+from ..fileio import image_errors, open_image, prepare_output_dir, publish_dir, write_atomic, write_json_atomic
 from .images import Caption, Record
 
 log = logging.getLogger(__name__)
@@ -400,8 +400,7 @@ def write_shards(records: Sequence[Record], out_dir: str | Path, per_shard: int 
     if not records:
         raise InputError("no records to write")
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} exists; choose another folder or overwrite")
+    prepare_output_dir(out, overwrite, flag="--overwrite", error=InputError)  # only a folder llm2clip wrote
     part = out.parent / f".{out.name}.partial"
     job = {"fingerprint": _fingerprint(records, per_shard, prefix)}
     jobfile = part / "job.json"
@@ -440,14 +439,7 @@ def write_shards(records: Sequence[Record], out_dir: str | Path, per_shard: int 
     index = {"format": SHARDS_FORMAT, "shards": shards, "samples": total, "left_out": len(records) - total}
     write_json_atomic(part / SHARDS_MANIFEST, index, indent=1)
     jobfile.unlink()
-    if out.exists():  # overwrite: swap the folders, then drop the old one
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        part.rename(out)
-        shutil.rmtree(old)
-    else:
-        part.rename(out)
+    publish_dir(part, out)  # with overwrite, the old folder is swapped aside, then removed
     if index["left_out"]:
         log.warning("%d image(s) missing or unreadable were left out%s", index["left_out"],
                     f", e.g. {missing[0]}" if missing else "")
