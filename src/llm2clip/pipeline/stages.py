@@ -199,12 +199,12 @@ def run_eval(run_dir: str, scenes: dict, teachers: dict, variants: list[str], cu
     """
     import numpy as np
 
+    from ..api import load
     from ..data.captions import cupl_caption_set
     from ..data.images import build_caption_encoder
-    from ..eval.checkpoint import parse_caption_encoder_spec
     from ..eval.cra import caption_retrieval_accuracy
     from ..features import FeatureStore
-    from ..model import LLM2CLIP
+    from ..text.specs import parse_caption_encoder_spec
 
     _threads(threads)
     _, val = scene_sets(scenes)
@@ -220,13 +220,8 @@ def run_eval(run_dir: str, scenes: dict, teachers: dict, variants: list[str], cu
     out: dict = {"teachers": {}, "variants": {v: recorded[f"train/{v}"]["result"] for v in variants}}
     for name, t in teachers.items():
         if t["kind"] == "clip":
-            model = LLM2CLIP.load(t["model"])
-
-            def encode(caps):
-                with torch.no_grad():
-                    return torch.cat([model.encode_text(caps[s : s + 256]) for s in range(0, len(caps), 256)])
-
-            scene_emb, cupl_emb = encode(texts), encode(cs.captions)
+            model = load(t["model"], device="cpu")  # the package's one loader, on the CPU as before
+            scene_emb, cupl_emb = (model.encode_text(c, batch_size=256, progress=False) for c in (texts, cs.captions))
         else:  # scene captions from the teacher's store; CuPL through the teacher itself
             store = FeatureStore.open(t["store"])
             scene_emb = torch.from_numpy(np.asarray(store.get_by_ids(ids), np.float32))
