@@ -30,7 +30,11 @@ MANIFEST_FORMAT = "llm2clip-model/1"
 
 # ---------------------------------------------------------------------------------- configs
 class AdapterConfig(StrictModel):
-    """The official TextProj: L2-normalise, `depth` pre-LN residual MLP blocks, LayerNorm, Linear."""
+    """The official TextProj: L2-normalise the input, `depth` pre-LN residual MLP blocks, LayerNorm, Linear.
+
+    The official adapter normalises its input (the stored LLM vector) and not its output; `l2_norm: true`
+    (the default) does the same. `l2_norm: false` is only an option, for adapters trained on raw vectors.
+    """
 
     kind: Literal["adapter"] = "adapter"
     in_dim: int | None = Field(None, ge=1, description="LLM embedding size; null: taken from the feature store")
@@ -87,7 +91,11 @@ class _AdapterBlock(nn.Module):
 
 
 class TextAdapter(nn.Module):
-    """Maps a stored LLM caption embedding [B, in_dim] to the shared space [B, out_dim]."""
+    """Maps a stored LLM caption embedding [B, in_dim] to the shared space [B, out_dim].
+
+    With ``l2_norm`` (the default, as in the official TextProj) the input is L2-normalised; the output is
+    not (the CLIP loss and ``encode_text`` normalise it).
+    """
 
     def __init__(self, in_dim: int, out_dim: int, depth: int = 4, expansion: int = 2, dropout: float = 0.0,
                  l2_norm: bool = True, standardize: bool = False):

@@ -30,7 +30,8 @@ def add_commands(sub) -> None:
             "the same vision tower on the same data and steps with a different text side (a CLIP text "
             "transformer, the raw LLM, the CC-fine-tuned LLM, a sentence encoder) and dense-caption share.", 100),
         epilog=STAGES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="a YAML pipeline config, or a preset name (quickstart, smoke)")
+    p.add_argument("config", help="a YAML pipeline config (its relative paths: to its folder), or a preset name "
+                                  "(quickstart, smoke; its run_dir: to the working directory)")
     _common(p)
     p.set_defaults(func=_run)
 
@@ -39,7 +40,8 @@ def add_commands(sub) -> None:
         description=textwrap.fill(
             "The embedded default: SmolLM2-135M-Instruct fine-tuned by caption contrast (stage 1), every "
             "caption embedded once, a small ViT trained from scratch on generated scenes against each text "
-            "side (seven variants), evaluated on held-out scenes, and a report comparing them (15 to 20 minutes on 2 cores).", 100),
+            "side (seven variants), evaluated on held-out scenes, and a report comparing them (15 to 20 minutes on "
+            "2 cores).", 100),
         epilog=STAGES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("--preset", default="quickstart", help="quickstart (default) or smoke (tiny random models)")
     _common(q)
@@ -47,7 +49,8 @@ def add_commands(sub) -> None:
 
 
 def _common(p) -> None:
-    p.add_argument("--run-dir", type=Path, help="override run_dir (default: the config's)")
+    p.add_argument("--run-dir", type=Path, help="override run_dir (relative to the working directory; default: "
+                                                 "the config's)")
     p.add_argument("--parallel", type=int, help="stages at once (one process and one thread each)")
     p.add_argument("--threads", type=int, help="torch CPU threads of single-process stages")
 
