@@ -132,6 +132,15 @@ def test_onnx_export_matches_pytorch(tiny_archs, tmp_path, vision):  # noqa: F81
                               atol=1e-5)
 
 
+def test_export_loads_a_run_folder_through_llm2clip_load(tmp_path):
+    """Export loads models with the package's one loader: a run folder means its model/, recorded as the source."""
+    m = saved_model(tmp_path / "run" / "model", SMALL)
+    record = export_onnx(tmp_path / "run", tmp_path / "onnx", verify=False)
+    assert record["source"] == str((tmp_path / "run" / "model").resolve())
+    saved = json.loads((tmp_path / "onnx" / "llm2clip_onnx.json").read_text())
+    assert saved["logit_scale"] == pytest.approx(float(m.logit_scale.exp()))
+
+
 def test_cli_export(tiny_archs, tmp_path, capsys):  # noqa: F811
     parser = argparse.ArgumentParser(prog="llm2clip")
     add_commands(parser.add_subparsers(dest="command"))

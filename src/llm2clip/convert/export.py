@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, Llm2ClipError
+from ..fileio import write_json_atomic
 from .keymaps import openai_vit_to_hf_clip
 from .official import _finish_dir, _fresh_dir
 
@@ -36,9 +36,14 @@ ONNX_RECORD = "llm2clip_onnx.json"
 
 
 def _as_model(model):
-    from ..model import LLM2CLIP
+    """(the LLM2CLIP module, its folder or None): a folder (model or run) is loaded by llm2clip.load, on the
+    CPU where the export traces and checks; the caption encoder is not needed, so it is never built."""
+    if not isinstance(model, (str, Path)):
+        return model.eval(), None
+    from ..api import load
 
-    return LLM2CLIP.load(model) if isinstance(model, (str, Path)) else model.eval()
+    lm = load(model, device="cpu", lazy_text=True)
+    return lm.model, str(lm.path)
 
 
 # -------------------------------------------------------------------------- HF vision model
@@ -128,8 +133,7 @@ def export_hf_vision(model, out: str | Path, overwrite: bool = False, verify: bo
     import transformers
     from safetensors.torch import save_file
 
-    source = str(Path(model).resolve()) if isinstance(model, (str, Path)) else None
-    model = _as_model(model)
+    model, source = _as_model(model)
     cls_name, cfg, sd = hf_vision_parts(model)
     out = Path(out)
     tmp = _fresh_dir(out, overwrite)
@@ -141,7 +145,7 @@ def export_hf_vision(model, out: str | Path, overwrite: bool = False, verify: bo
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
         head = {k: v.detach().float().clone() for k, v in model.head.state_dict().items()}
         save_file(head, str(tmp / HEAD_FILE), metadata={"format": "pt"})
-        (tmp / "preprocessor_config.json").write_text(json.dumps(_preprocessor(model.visual), indent=2))
+        write_json_atomic(tmp / "preprocessor_config.json", _preprocessor(model.visual))
         record = {"kind": "hf-vision", "source": source, "hf_class": cls_name, "embed_dim": model.config.embed_dim,
                   "vision": model.config.vision.model_dump(mode="json"), "text_identity": model.text_identity,
                   "head": f"{HEAD_FILE}: Linear(pooler_output) -> shared space (then L2-normalise)"}
@@ -153,7 +157,7 @@ def export_hf_vision(model, out: str | Path, overwrite: bool = False, verify: bo
             if diff > 1e-4:
                 raise Llm2ClipError(f"the exported {cls_name} differs from the tower by {diff:.3g} (max abs)")
             record["max_abs_diff_pooled"] = diff
-        (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2, default=str))
+        write_json_atomic(tmp / EXPORT_RECORD, record)
         return _finish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -214,8 +218,7 @@ def export_onnx(model, out: str | Path, opset: int = 18, overwrite: bool = False
     """Write ``vision.onnx`` and (for the adapter text side) ``text_adapter.onnx`` to ``out`` with
     ``llm2clip_onnx.json`` (inputs, outputs, preprocessing, logit scale, the caption encoder's identity).
     ``verify`` runs both in onnxruntime at a batch size other than the traced one."""
-    source = str(Path(model).resolve()) if isinstance(model, (str, Path)) else None
-    model = _as_model(model)
+    model, source = _as_model(model)
     out = Path(out)
     tmp = _fresh_dir(out, overwrite)
     g = torch.Generator().manual_seed(0)
@@ -248,7 +251,7 @@ def export_onnx(model, out: str | Path, opset: int = 18, overwrite: bool = False
                     tmp / "text_adapter.onnx", text, torch.randn(3, d, generator=g) * 5, "caption_embeddings", atol)
         else:
             log.warning("the text side is a CLIP text transformer, not the adapter: only vision.onnx is written")
-        (tmp / ONNX_RECORD).write_text(json.dumps(record, indent=2, default=str))
+        write_json_atomic(tmp / ONNX_RECORD, record)
         _finish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
