@@ -13,11 +13,11 @@ import csv
 import hashlib
 import json
 import logging
-import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Iterator, Literal, Union
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Discriminator, Field, Tag, field_validator
@@ -27,8 +27,21 @@ from ..config import StrictModel, load_config
 from ..data.jsonl import read_jsonl
 from ..errors import InputError
 from ..text.config import TextEncoderConfig
-from .store import (JOB_FILE, STORE_MANIFEST, FeatureStore, IdentityMismatchError, Layout, StoreError, _jsonable,
-                    finalize_store, remove_temp_files, shard_name, to_storage, write_bytes_atomic, write_shard)
+from .store import (
+    JOB_FILE,
+    STORE_MANIFEST,
+    FeatureStore,
+    IdentityMismatchError,
+    Layout,
+    StoreError,
+    _jsonable,
+    finalize_store,
+    remove_temp_files,
+    shard_name,
+    to_storage,
+    write_bytes_atomic,
+    write_shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +74,7 @@ def _source_tag(v) -> str | None:
     return "builtin" if isinstance(v, BuiltinSource) else "file" if isinstance(v, FileSource) else None
 
 
-CaptionSource = Annotated[Union[Annotated[FileSource, Tag("file")], Annotated[BuiltinSource, Tag("builtin")]],
+CaptionSource = Annotated[Annotated[FileSource, Tag("file")] | Annotated[BuiltinSource, Tag("builtin")],
                           Discriminator(_source_tag)]
 
 
@@ -199,7 +212,7 @@ class Captions:
                 h.update(t.encode("utf-8") + b"\0")
             h.update(b"\1")
             for i, r in zip(self.ids, self.id_rows.tolist()):
-                h.update(f"{i}\0{r}\0".encode("utf-8"))
+                h.update(f"{i}\0{r}\0".encode())
             self.fingerprint = h.hexdigest()
 
 
@@ -239,27 +252,21 @@ class Dist:
     local_rank: int = 0
 
     @classmethod
-    def from_env(cls) -> "Dist":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
+    def from_env(cls) -> Dist:
+        from .. import distributed as d
+
+        return cls(d.env_rank(), d.env_world(), d.local_rank())
 
     def init(self, device: str) -> None:
-        import torch
-        import torch.distributed as dist
+        from ..distributed import init_from_env
 
-        if self.world > 1 and not dist.is_initialized():
-            nccl = device.startswith("cuda") and torch.cuda.is_available()
-            # Like llm2clip.distributed.init_from_env, with a long timeout: other ranks wait at a
-            # barrier while rank 0 sorts and writes the id files of a large store.
-            dist.init_process_group("nccl" if nccl else "gloo", timeout=timedelta(hours=4))
-            if nccl:
-                torch.cuda.set_device(self.local_rank)
+        # A long timeout: other ranks wait at a barrier while rank 0 sorts and writes the id files of a large store.
+        init_from_env(device, timeout=timedelta(hours=4))
 
     def barrier(self) -> None:
-        import torch.distributed as dist
+        from ..distributed import barrier
 
-        if self.world > 1 and dist.is_initialized():
-            dist.barrier()
+        barrier()
 
 
 # ------------------------------------------------------------------------------------- the job

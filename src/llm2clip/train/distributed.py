@@ -1,13 +1,14 @@
-"""torchrun / DDP plumbing. Single-process runs never touch torch.distributed (docs/METHOD.md 7.7)."""
+"""Stage-2 torchrun plumbing over llm2clip.distributed: the device pick and the rank record the trainer
+carries. Single-process runs never touch torch.distributed (docs/METHOD.md 7.7)."""
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from .. import distributed as _dist
+from ..distributed import barrier  # noqa: F401  (re-exported for the trainer)
 
 
 @dataclass
@@ -31,32 +32,13 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device_pref: str = "auto") -> DistInfo:
-    """From torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK); gloo on CPU, nccl on GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    """From torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK); gloo on CPU, nccl on GPU (llm2clip.distributed)."""
+    local = _dist.local_rank()
     device = pick_device(device_pref, local)
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    return DistInfo(rank, world, local, device)
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    _dist.init_from_env(device)
+    return DistInfo(_dist.rank(), _dist.world_size(), local, device)
 
 
 def finish_and_exit(code: int) -> None:
-    """End a distributed worker: barrier, destroy the group, then os._exit. gloo aborts at interpreter
-    exit in about 7 % of runs otherwise (docs/ASSETS.md)."""
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """End a worker: barrier, destroy the group, then os._exit, also in single-process runs (docs/ASSETS.md)."""
+    _dist.finish(code, always_exit=True)
