@@ -7,18 +7,10 @@ Names load on first use: readers of a store need only numpy, the job pulls in th
 (torch, transformers), and building the command line needs neither.
 """
 
-_EXPORTS = {
+from ..lazy import lazy_exports
+
+__getattr__, _ = lazy_exports(__name__, {
     "store": ["FeatureStore", "StoreError", "IdentityMismatchError", "write_store"],
     "extract": ["EmbedConfig", "run_embedding", "load_embed_config", "read_captions"],
-}
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+})
 __all__ = ["FeatureStore", "StoreError", "IdentityMismatchError", "write_store", "EmbedConfig", "run_embedding"]
-
-
-def __getattr__(name):
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)

@@ -4,21 +4,13 @@ Names load on first use: the configs need no torch, the encoders do."""
 
 from __future__ import annotations
 
-_EXPORTS = {
+from ..lazy import lazy_exports
+
+__getattr__, _names = lazy_exports(__name__, {
     "config": ["LLMEncoderConfig", "SentenceEncoderConfig", "RandomEncoderConfig", "TextEncoderConfig"],
     "encoder": ["CaptionEncoder"],
-}
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
-__all__ = [*_WHERE, "build_text_encoder"]
-
-
-def __getattr__(name):
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+})
+__all__ = [*_names, "build_text_encoder"]
 
 
 def build_text_encoder(config):

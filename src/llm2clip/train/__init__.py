@@ -3,15 +3,6 @@ decay, schedule, precision, checkpoints, distributed).
 
 Names load on first use, so building the command line does not import torch for this package."""
 
-_EXPORTS = {"config": ["RunConfig"], "loop": ["fit"]}
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
-__all__ = list(_WHERE)
+from ..lazy import lazy_exports
 
-
-def __getattr__(name):
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+__getattr__, __all__ = lazy_exports(__name__, {"config": ["RunConfig"], "loop": ["fit"]})

@@ -2,19 +2,10 @@
 
 Names load on first use: the configs need neither torch nor torchvision, the towers and transforms do."""
 
-_EXPORTS = {
+from ..lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
     "config": ["VisionConfig", "SmallViTConfig", "OpenClipVisionConfig", "HFVisionConfig"],
     "towers": ["VisionTower", "SmallViT", "OpenClipTower", "HFTower", "build_vision_tower"],
     "transforms": ["build_transform"],
-}
-_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
-__all__ = list(_WHERE)
-
-
-def __getattr__(name):
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+})
