@@ -45,9 +45,10 @@ fashion-mnist: zero-shot on the Debian package's test split, skipped when absent
 docci, flickr30k-cn, coco-cn or imagenet. Default: the built-in sets.
 
 The caption encoder of an LLM2CLIP model (raw captions -> embeddings for the adapter) comes from
---caption-encoder, else the model's manifest, else the run config beside run_dir/model; its identity
-must match the one the model was trained with. Specs: smollm2[:key=value,...], minilm, a saved
-encoder folder, a YAML file with an `encoder:` mapping, or bow[:dim=N,seed=S].
+--caption-encoder, else the model's manifest, else the run config beside run_dir/model (its encoder,
+or its feature store's), as llm2clip.load finds it; its identity must match the one the model was
+trained with. Specs: smollm2[:key=value,...], minilm, a saved encoder folder, a YAML file with an
+`encoder:` mapping, or bow[:dim=N,seed=S].
 
 Writes results.json (model and data identity, annotation hashes), report.md (R@1 I2T / T2I per
 benchmark, as the paper's tables), recall_curves.png and r1_bars.png to --out (default run_dir/eval),
