@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import logging
-import shutil
 import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,8 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError, InputError
-from ..fileio import image_errors, open_image, prepare_output_dir, publish_dir, write_atomic, write_json_atomic
+from ..fileio import image_errors, open_image, prepare_output_dir, publish_dir
+from ..jobs import Job
 from .images import Caption, Record
 
 log = logging.getLogger(__name__)
@@ -401,22 +401,17 @@ def write_shards(records: Sequence[Record], out_dir: str | Path, per_shard: int 
         raise InputError("no records to write")
     out = Path(out_dir)
     prepare_output_dir(out, overwrite, flag="--overwrite", error=InputError)  # only a folder llm2clip wrote
-    part = out.parent / f".{out.name}.partial"
-    job = {"fingerprint": _fingerprint(records, per_shard, prefix)}
-    jobfile = part / "job.json"
-    if part.exists() and (not jobfile.is_file() or json.loads(jobfile.read_text()) != job):
-        shutil.rmtree(part)  # left by a run over other records: start over
-    part.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(jobfile, job, indent=None)
+    job = Job(out.parent / f".{out.name}.partial", "shards", SHARDS_MANIFEST, error=InputError)
+    # a partial folder of a run over other records is cleared: start over
+    job.open({"fingerprint": _fingerprint(records, per_shard, prefix)}, restart=True)
 
     shards, missing = [], []
     n_shards = -(-len(records) // per_shard)
     for s in tqdm(range(n_shards), desc="shards", unit="shard", disable=True if progress is False else None):
         name = f"{prefix}-{s:06d}.tar"
-        final = part / name
         chunk = records[s * per_shard : (s + 1) * per_shard]
-        if final.is_file():  # finished by an earlier run (written atomically)
-            shards.append({"url": name, "nsamples": len(index_shard(final))})
+        if job.has_part(name):  # finished by an earlier run (written atomically)
+            shards.append({"url": name, "nsamples": len(index_shard(job.part(name)))})
             continue
         counted = [0]
 
@@ -433,13 +428,12 @@ def write_shards(records: Sequence[Record], out_dir: str | Path, per_shard: int 
                     _tar_add(tf, f"{key}.json", _sample_json(rec))
                     counted[0] += 1
 
-        write_atomic(final, write_tar)
+        job.write_part_with(name, write_tar)
         shards.append({"url": name, "nsamples": counted[0]})
     total = sum(s["nsamples"] for s in shards)
     index = {"format": SHARDS_FORMAT, "shards": shards, "samples": total, "left_out": len(records) - total}
-    write_json_atomic(part / SHARDS_MANIFEST, index, indent=1)
-    jobfile.unlink()
-    publish_dir(part, out)  # with overwrite, the old folder is swapped aside, then removed
+    job.complete(json.dumps(index, indent=1).encode())
+    publish_dir(job.folder, out)  # with overwrite, the old folder is swapped aside, then removed
     if index["left_out"]:
         log.warning("%d image(s) missing or unreadable were left out%s", index["left_out"],
                     f", e.g. {missing[0]}" if missing else "")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,9 +25,11 @@ from tqdm.auto import tqdm
 from ..config import StrictModel, load_config
 from ..data.jsonl import read_jsonl
 from ..errors import InputError
+from ..jobs import Job
 from ..text.config import TextEncoderConfig
 from .store import (
     JOB_FILE,
+    JOB_KIND,
     STORE_MANIFEST,
     FeatureStore,
     IdentityMismatchError,
@@ -36,10 +37,8 @@ from .store import (
     StoreError,
     _jsonable,
     finalize_store,
-    remove_temp_files,
     shard_name,
     to_storage,
-    write_bytes_atomic,
     write_shard,
 )
 
@@ -294,34 +293,22 @@ def _encode_shard(encoder, texts: list[str], batch_size: int, bar) -> np.ndarray
 
 
 def _job_record(config: EmbedConfig, caps: Captions, identity: dict, dim: int) -> dict:
-    return {"format": "llm2clip-embed-job", "identity": identity, "dim": dim, "dtype": config.dtype,
-            "shard_size": config.shard_size, "rows": len(caps.texts), "ids": len(caps.ids),
-            "captions_sha256": caps.fingerprint}
+    return {"identity": identity, "dim": dim, "dtype": config.dtype, "shard_size": config.shard_size,
+            "rows": len(caps.texts), "ids": len(caps.ids), "captions_sha256": caps.fingerprint}
 
 
-def _prepare_out(out: Path, job: dict) -> bool:
+def _prepare_out(out: Path, record: dict) -> bool:
     """Rank 0: start, resume or recognise a finished store. True when there is nothing left to do."""
-    if (out / STORE_MANIFEST).is_file():
-        store = FeatureStore.open(out)
-        m = store.manifest
+    job = Job(out, JOB_KIND, STORE_MANIFEST, error=StoreError)
+    if job.is_complete():
+        m = FeatureStore.open(out).manifest
         have = {"identity": m["identity"], "dim": m["dim"], "dtype": m["dtype"], "shard_size": m["shard_size"],
                 "rows": m["rows"], "ids": m["ids"], "captions_sha256": m.get("captions", {}).get("sha256")}
-        _same_job(out / STORE_MANIFEST, have, job)
+        _same_job(job.manifest_path, have, record)
         return True
-    jf = out / JOB_FILE
-    if jf.is_file():
-        try:
-            have = json.loads(jf.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise StoreError(f"{jf}: unreadable job record ({err}); delete {out} to start over") from None
-        _same_job(jf, have, job)
-        n = remove_temp_files(out)
-        log.info("resuming %s%s", out, f" ({n} partial file(s) of the killed run removed)" if n else "")
-        return False
-    if out.exists() and any(out.iterdir()):
-        raise StoreError(f"{out}: not empty and not a store of this job; choose an empty or new 'out'")
-    out.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(jf, (json.dumps(job, indent=1) + "\n").encode())
+    if job.open(record, check=_same_job,
+                not_empty=f"{out}: not empty and not a store of this job; choose an empty or new 'out'") == "resume":
+        log.info("resuming %s (partial files of the killed run removed)", out)
     return False
 
 
@@ -332,7 +319,7 @@ def _same_job(where: Path, have: dict, want: dict) -> None:
         raise IdentityMismatchError(
             f"{where}: this store was started with another encoder (differing fields: {', '.join(diff)}); "
             "use a new 'out' directory")
-    diff = [k for k in want if k != "identity" and k != "format" and have.get(k) != want[k]]
+    diff = [k for k in want if k != "identity" and have.get(k) != want[k]]
     if diff:
         what = ", ".join(f"{k} {have.get(k)!r} -> {want[k]!r}" for k in diff)
         raise StoreError(f"{where}: this store was started with other settings or captions ({what}); "

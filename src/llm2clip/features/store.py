@@ -25,13 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..fileio import TMP_MARK, remove_temp_files, write_bytes_atomic  # noqa: F401  (re-exported)
+from ..fileio import JOB_RECORD, TMP_MARK, remove_temp_files, write_bytes_atomic  # noqa: F401  (re-exported)
 from ..hashing import file_sha256
+from ..jobs import Job
 
 FORMAT = "llm2clip-feature-store"
 VERSION = 1
 STORE_MANIFEST = "manifest.json"
-JOB_FILE = "embed-job.json"  # present while an extraction job is unfinished
+JOB_FILE = JOB_RECORD  # present while an extraction job is unfinished
+JOB_KIND = "embed"
 IDS_FILE = "ids.npy"
 ID_ROWS_FILE = "id_rows.npy"
 SUMS_FILE = "SHA256SUMS"
@@ -180,10 +182,8 @@ def finalize_store(out: Path, layout: Layout, *, identity: dict, dim: int, dtype
     sums = "".join(f"{s['sha256']}  {s['file']}\n" for s in shards)
     sums += "".join(f"{f['sha256']}  {f['file']}\n" for f in key_files.values())
     write_bytes_atomic(out / SUMS_FILE, sums.encode())
-    write_bytes_atomic(out / STORE_MANIFEST, (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
-    for k in range(layout.n_shards):
-        (out / sidecar_name(k)).unlink(missing_ok=True)
-    (out / JOB_FILE).unlink(missing_ok=True)
+    Job(out, JOB_KIND, STORE_MANIFEST).complete((json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode(),
+                                                scratch=[sidecar_name(k) for k in range(layout.n_shards)])
     return manifest
 
 

@@ -8,7 +8,7 @@ Layout of a finished index folder::
     files.txt        image paths relative to the image folder, one per line
     skipped.txt      unreadable files: '<path>\\t<reason>' per line
 
-While building, ``index-job.json`` (the model and the frozen file list's hash), ``plan.txt`` (that list)
+While building, ``llm2clip_job.json`` (the model and the frozen file list's hash), ``plan.txt`` (that list)
 and ``chunks/chunk-NNNNN.npz`` (embeddings of ``chunk_size`` files each, written atomically) hold the
 progress: a killed run continues from its last finished chunk. Embeddings are L2-normalised, so inner
 product = cosine similarity = ``LoadedModel.similarity``.
@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +28,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, InputError
-from ..fileio import remove_temp_files, write_bytes_atomic
+from ..fileio import JOB_RECORD, remove_temp_files, write_bytes_atomic
+from ..jobs import Job, differing_keys
 
 log = logging.getLogger(__name__)
 
 FORMAT = "llm2clip-image-index/1"
 INDEX_MANIFEST = "manifest.json"
-JOB_FILE = "index-job.json"
+JOB_FILE = JOB_RECORD
+JOB_KIND = "index"
 PLAN_FILE = "plan.txt"
 CHUNK_DIR = "chunks"
 FAISS_FILE = "index.faiss"
@@ -136,31 +137,29 @@ def _collate(batch):
 
 
 def _job_record(lm, root: Path, plan: list[str], chunk_size: int) -> dict:
-    return {"format": "llm2clip-index-job", "model": lm.identity(), "images_dir": str(root),
-            "files": len(plan), "files_sha256": _sha_lines(plan), "chunk_size": chunk_size}
+    return {"model": lm.identity(), "images_dir": str(root), "files": len(plan), "files_sha256": _sha_lines(plan),
+            "chunk_size": chunk_size}
 
 
-def _differences(have: dict, want: dict) -> list[str]:
-    return sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+def _same_job(where: Path, have: dict, want: dict) -> None:
+    diff = differing_keys(have, want)
+    if diff:
+        what = "model" if "model" in diff else ", ".join(diff)
+        raise ConfigError(f"{where}: this index was started with another {what}; resume with the same "
+                          "settings or choose a new --out")
 
 
-def _prepare(out: Path, root: Path, lm, chunk_size: int) -> tuple[list[str], list[tuple[str, str]]]:
+def _prepare(job: Job, root: Path, lm, chunk_size: int) -> tuple[list[str], list[tuple[str, str]]]:
     """Start or resume: the frozen plan (file list) and the names skipped at discovery."""
-    jf, pf = out / JOB_FILE, out / PLAN_FILE
-    if jf.is_file():
+    out, pf = job.folder, job.part(PLAN_FILE)
+    if job.is_started():
         try:
-            have = json.loads(jf.read_text(encoding="utf-8"))
             lines = pf.read_text(encoding="utf-8").split("\n") if pf.stat().st_size else []
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (OSError, UnicodeDecodeError) as err:
             raise InputError(f"{out}: unreadable job files ({err}); delete {out} to start over") from None
         plan = [ln for ln in lines if not ln.startswith("\t")]
         bad = [tuple(ln[1:].split("\t", 1)) for ln in lines if ln.startswith("\t")]
-        want = _job_record(lm, root, plan, chunk_size)
-        diff = _differences(have, want)
-        if diff:
-            what = "model" if "model" in diff else ", ".join(diff)
-            raise ConfigError(f"{jf}: this index was started with another {what}; resume with the same "
-                              "settings or choose a new --out")
+        job.open(_job_record(lm, root, plan, chunk_size), check=_same_job)
         remove_temp_files(out / CHUNK_DIR)
         now, _ = find_images(root, exclude=out)
         new = len(set(now) - set(plan))
@@ -173,9 +172,12 @@ def _prepare(out: Path, root: Path, lm, chunk_size: int) -> tuple[list[str], lis
     plan, bad = find_images(root, exclude=out)
     if not plan:
         raise InputError(f"{root}: no image files ({', '.join(IMAGE_EXTS)}) found")
-    (out / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(pf, "\n".join(plan + [f"\t{r}\t{why}" for r, why in bad]).encode("utf-8"))
-    write_bytes_atomic(jf, (json.dumps(_job_record(lm, root, plan, chunk_size), indent=1) + "\n").encode())
+
+    def write_plan():  # before the record, which vouches for it
+        (out / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
+        job.write_part(PLAN_FILE, "\n".join(plan + [f"\t{r}\t{why}" for r, why in bad]).encode("utf-8"))
+
+    job.start(_job_record(lm, root, plan, chunk_size), prepare=write_plan)
     return plan, bad
 
 
@@ -218,15 +220,16 @@ def build_index(images_dir: str | Path, model, out: str | Path, *, hnsw: bool = 
     lm = model if isinstance(model, LoadedModel) else load(model, device=device, precision=precision, dtype=dtype,
                                                            lazy_text=True)
     settings = _index_settings(hnsw, hnsw_m, ef_construction, ef_search)
-    if (out / INDEX_MANIFEST).is_file():
+    job = Job(out, JOB_KIND, INDEX_MANIFEST, error=InputError)
+    if job.is_complete():
         idx = ImageIndex.open(out)
         idx.check_model(lm)
         if idx.manifest["images_dir"] != str(root) or idx.manifest["index"] != settings:
             raise ConfigError(f"{out}: already holds a finished index of {idx.manifest['images_dir']} "
                               f"({idx.manifest['index']['kind']}); choose a new --out")
-        shutil.rmtree(out / CHUNK_DIR, ignore_errors=True)  # a run killed after its manifest was written
+        job.clear([CHUNK_DIR])  # a run killed after its manifest was written
         return IndexResult(out, len(idx), idx.skipped(), 0, already_complete=True)
-    plan, skipped = _prepare(out, root, lm, chunk_size)
+    plan, skipped = _prepare(job, root, lm, chunk_size)
     n_chunks = (len(plan) + chunk_size - 1) // chunk_size
     todo = [k for k in range(n_chunks) if not _chunk_path(out, k).is_file()]
     done_rows = sum(min(chunk_size, len(plan) - k * chunk_size) for k in range(n_chunks) if k not in set(todo))
@@ -295,10 +298,8 @@ def _finalize(out: Path, root: Path, lm, plan: list[str], skipped: list, n_chunk
     manifest = {"format": FORMAT, "model": {**lm.identity(), "path": str(lm.path)}, "images_dir": str(root),
                 "count": len(files), "skipped": len(skipped), "dim": int(emb.shape[1]), "index": settings,
                 "dtype": str(lm.dtype).removeprefix("torch."), "image_size": lm.image_size}
-    write_bytes_atomic(out / INDEX_MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
-    shutil.rmtree(out / CHUNK_DIR, ignore_errors=True)
-    for name in (JOB_FILE, PLAN_FILE):
-        (out / name).unlink(missing_ok=True)
+    Job(out, JOB_KIND, INDEX_MANIFEST).complete((json.dumps(manifest, indent=1) + "\n").encode("utf-8"),
+                                                scratch=[CHUNK_DIR, PLAN_FILE])
     return IndexResult(out, len(files), skipped, embedded)
 
 
@@ -368,7 +369,7 @@ class ImageIndex:
         """Refuse a model other than the one that built the index (naming what differs)."""
         have = {k: v for k, v in self.manifest["model"].items() if k != "path"}
         got = lm.identity()
-        diff = _differences(have, got)
+        diff = differing_keys(have, got)
         if diff:
             raise ConfigError(f"{self.path}: built with another model ({self.manifest['model'].get('path')}); "
                               f"{lm.path} differs in {', '.join(diff)}. Search with the model that built the index, "
