@@ -34,6 +34,11 @@ class LLMEncoderConfig(StrictModel):
     max_length: int = Field(512, ge=8)
     dtype: DType = "float32"
     batch_size: int = Field(32, ge=1)
+    packing: bool = Field(
+        False, description="encode captions packed into rows with a block-diagonal mask: no padding, and an "
+        "embedding that does not depend on its batch"
+    )
+    pack_tokens: int = Field(512, ge=8, description="tokens per packed row")
     device: str = "cpu"
     attn_implementation: Literal["auto", "sdpa", "eager"] = Field(
         "auto", description="auto: SDPA where the family supports it, else eager (Gemma 2)"

@@ -15,6 +15,7 @@ from ..errors import ConfigError, InputError
 from .attention import attention_inputs
 from .config import LLMEncoderConfig
 from .loading import DTYPES, load_base_model, load_tokenizer, merge_adapters, resolve_source, weight_hash
+from .packing import PackedBatch, pack, packed_attention_mask, plan_rows, pool_packed
 from .pooling import pool
 from .template import PromptFormat, prompt_format
 
@@ -189,6 +190,32 @@ class CaptionEncoder:
 
     __call__ = forward
 
+    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
+        """Pooled embeddings [N, D] of a packed batch, each caption computed as if alone."""
+        dtype = next(self.model.parameters()).dtype
+        mask = packed_attention_mask(batch.segment, bidirectional=self.config.bidirectional, dtype=dtype)
+        out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                         use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return pool_packed(hidden, batch, self.config.pooling)
+
+    def _batches(self, items: Sequence[TokenizedCaption], batch_size: int):
+        """(item indices, batch) in the order they are encoded: length-sorted padded batches, or packed rows
+        gathered until a forward holds ``batch_size`` captions."""
+        if not self.config.packing:
+            order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                yield idx, self.collate([items[i] for i in idx])
+            return
+        rows = plan_rows([len(t.ids) for t in items], self.config.pack_tokens)
+        group: list[list[int]] = []
+        for r, row in enumerate(rows):
+            group.append(row)
+            if sum(map(len, group)) >= batch_size or r == len(rows) - 1:
+                yield [i for g in group for i in g], pack(items, group, self.pad_id)
+                group = []
+
     @torch.inference_mode()
     def encode(self, captions: Sequence[str], batch_size: int | None = None, progress: bool | None = None) -> torch.Tensor:
         """Embeddings [N, D] (float32, CPU) in input order; batches sorted by length."""
@@ -197,15 +224,13 @@ class CaptionEncoder:
         if self.truncated_count:
             log.warning("%d of %d captions truncated to max_length=%d", self.truncated_count, len(items),
                         self.config.max_length)
-        bs = batch_size or self.config.batch_size
-        order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
         out = torch.empty(len(items), self.dim, dtype=torch.float32)
         bar = tqdm(total=len(items), unit="caption", desc="encode", disable=not progress if progress is not None else None,
                    leave=False)
-        for s in range(0, len(order), bs):
-            idx = order[s : s + bs]
-            batch = self.collate([items[i] for i in idx]).to(self.device)
-            out[idx] = self.forward(batch).float().cpu()
+        for idx, batch in self._batches(items, batch_size or self.config.batch_size):
+            batch = batch.to(self.device)
+            emb = self.forward_packed(batch) if isinstance(batch, PackedBatch) else self.forward(batch)
+            out[idx] = emb.float().cpu()
             bar.update(len(idx))
         bar.close()
         return out
