@@ -3,7 +3,7 @@ VENV := .venv
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup quickstart test test-fast
+.PHONY: setup quickstart test test-fast lint
 setup:
 	@bash scripts/setup.sh
 
@@ -15,3 +15,6 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks

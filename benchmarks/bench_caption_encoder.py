@@ -64,7 +64,7 @@ def throughput(n: int, repeats: int, naive_n: int) -> list[tuple[str, float]]:
             rows.append(("unsorted batches of 32, fp32", median_rate(unsorted, len(caps))))
         rows.append((f"ours: length-sorted batches of 32, {dtype} weights",
                      median_rate(lambda: enc.encode(caps, batch_size=32, progress=False), len(caps))))
-        del enc
+        enc = None  # free the weights before the next dtype loads
     return rows
 
 
@@ -77,7 +77,8 @@ def main() -> None:
     ap.add_argument("--skip-cra", action="store_true")
     args = ap.parse_args()
 
-    parts = [f"# Caption-encoder benchmark\n\nMachine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+    cpu = platform.processor() or platform.machine()
+    parts = [f"# Caption-encoder benchmark\n\nMachine: {os.cpu_count()} cores, {cpu}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads. Command: "
              "`.venv/bin/python benchmarks/bench_caption_encoder.py --out benchmarks/CAPTION_ENCODER.md`.\n"]
     if not args.skip_cra:
@@ -87,7 +88,8 @@ def main() -> None:
         parts.append("## CRA on held-out CuPL classes (200 classes x 5 descriptions, pool 1,000)\n\n"
                      "Each caption queries the other 999; a hit when a top-K caption describes the same class. "
                      "`-masked`: class names replaced by 'X'. SmolLM2 rows: mean pooling unless named; "
-                     "`template=tokenizer` wraps the caption in SmolLM2's chat turn.\n\n" + markdown_table(rows, (1, 5, 10)))
+                     "`template=tokenizer` wraps the caption in SmolLM2's chat turn.\n\n"
+                     + markdown_table(rows, (1, 5, 10)))
     tp = throughput(args.n, args.repeats, args.naive_n)
     base = tp[0][1]
     lines = ["| setting | captions/s (median) | vs naive |", "|---|---|---|"]

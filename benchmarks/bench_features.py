@@ -138,7 +138,7 @@ def run(args, tmp: Path) -> None:
     big = vectors[rng.integers(0, n, m)] + rng.standard_normal((m, vectors.shape[1])).astype(np.float32) * 0.01
     keys = [f"sample{i:08d}" for i in range(m)]
     t = time.perf_counter()
-    big_store = write_store(tmp / "read-store", keys, big, identity=store.identity, dtype="float16",
+    write_store(tmp / "read-store", keys, big, identity=store.identity, dtype="float16",
                             shard_size=4096)
     write_s = time.perf_counter() - t
     write_official_tar(tmp / "read.tar", keys, big)

@@ -145,6 +145,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     import clip_benchmark.metrics.zeroshot_retrieval  # noqa: F401  imports are not the routine's memory
+
     import llm2clip.eval.retrieval  # noqa: F401
 
     img, txt, ci = make_features(args.images, args.per_image, args.extra, args.dim)

@@ -1,6 +1,7 @@
 """Benchmark of image search: indexing throughput, faiss query latency, text-query latency with the LLM.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_search.py [--images 1000] [--vectors 100000] [--out benchmarks/SEARCH.md]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_search.py
+        [--images 1000] [--vectors 100000] [--out benchmarks/SEARCH.md]
 
 Measures, on the CPU with 1 thread (torch and faiss):
   1. images/s of `build_index` over a folder of generated scene PNGs with the small ViT of
@@ -156,7 +157,7 @@ def bench_text(args, tmp: Path, indexes) -> dict:
     flat = indexes["flat"][0]
     out = {}
     for dtype in ("float32", "bfloat16"):
-        lm = load(mdir, dtype=dtype)
+        lm = load(mdir, device="cpu", precision=dtype)
         tok = lm.caption_encoder.tokenize(kinds["dense"])
         out["dense_tokens_median"] = statistics.median(len(t.ids) for t in tok)
         for _ in range(2):  # warm-up
@@ -170,7 +171,7 @@ def bench_text(args, tmp: Path, indexes) -> dict:
                 total_ms.append((d1 + d2) * 1e3)
             out[f"{dtype}/{kind}"] = {"encode_ms": statistics.median(enc_ms), "query_ms": statistics.median(total_ms)}
             log(f"{dtype} {kind}: {out[f'{dtype}/{kind}']}")
-        del lm
+        lm = None  # free the model before the next precision loads
     return out
 
 
@@ -212,7 +213,8 @@ def report(args, r: dict, load_before: str, load_after: str) -> str:
         "## Text queries with the LLM", "",
         f"`LoadedModel.encode_text([query])` with SmolLM2-135M-Instruct (the `smollm2` preset: bidirectional, mean "
         f"pooling) and the 4-block adapter (576 -> {args.dim}), then the search on the flat index above; the model and "
-        f"the LLM in fp32, then both in bf16 (`llm2clip.load(..., dtype='bfloat16')`). {args.text_queries} short scene "
+        f"the LLM in fp32, then both in bf16 (`llm2clip.load(..., precision='bfloat16')`). "
+        f"{args.text_queries} short scene "
         f"captions (about 10 tokens) and {args.text_queries} dense ones (median {tx['dense_tokens_median']:.0f} "
         "tokens); medians, one query at a time, after two warm-up queries.", "",
         "| precision | captions | encode (ms) | encode + flat search (ms) |", "|---|---|---:|---:|",
@@ -222,7 +224,8 @@ def report(args, r: dict, load_before: str, load_after: str) -> str:
             v = tx[f"{dtype}/{kind}"]
             lines.append(f"| {dtype} | {kind} | {v['encode_ms']:.0f} | {v['query_ms']:.0f} |")
     s32, s16 = tx["float32/dense"]["encode_ms"], tx["bfloat16/dense"]["encode_ms"]
-    lines += ["", f"bf16 / fp32 time on dense captions: {s16 / s32:.2f}. The LLM forward is most of a text query (all but the search); "
+    lines += ["", f"bf16 / fp32 time on dense captions: {s16 / s32:.2f}. "
+              "The LLM forward is most of a text query (all but the search); "
               f"the flat search over {args.vectors:,} vectors adds "
               f"{tx['float32/dense']['query_ms'] - tx['float32/dense']['encode_ms']:.1f} ms.", ""]
     return "\n".join(lines)

@@ -205,7 +205,7 @@ def write_report(out_dir: Path, report: Path, tiny: bool = False, extra: str = "
         lines.append(f"| {r['row']} | {r['what']} | {r['steps']} | {r['wall_s']:.0f} | {r['mntp_s']:.0f} / "
                      f"{r['trunk_s']:.0f} | {r['tokens_per_s']:.0f} | {r['cupl_R@1']:.3f} ({r['cupl_pool']}) | "
                      f"{scene} | {r['masked_R@1']:.3f} | "
-                     f"{'–' if r['stage2_dense'] is None else '%.3f / %.3f' % r['stage2_dense']} | "
+                     f"{'–' if r['stage2_dense'] is None else '{:.3f} / {:.3f}'.format(*r['stage2_dense'])} | "
                      f"{'–' if r['load'] is None else round(r['load'], 1)} "
                      f"| `--rows {r['row']}` |")
     lines += ["", "Untrained references on the same held-out sets:", "",
@@ -299,7 +299,7 @@ def references(out_dir: Path, tiny: bool) -> list[dict]:
     out = []
     for label, spec in specs.items():
         enc = build_caption_encoder(parse_caption_encoder_spec(spec))
-        emb = lambda caps: torch.as_tensor(enc.encode(caps)).float()  # noqa: E731
+        emb = lambda caps: torch.as_tensor(enc.encode(caps)).float()
         cupl, masked = (caption_retrieval_accuracy(emb(sets[m].captions), sets[m].groups) for m in (False, True))
         scene = paired_caption_retrieval(emb(dense), emb(short), short)
         out.append({"encoder": label, "cupl_R@1": cupl["R@1"], "cupl_pool": cupl["pool_size"],

@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LLM2CLIP_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "llm2clip"))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import make_tiny_llm  # noqa: E402
+from tiny import make_tiny_llm
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from llm2clip.config import load_config
-from llm2clip.data.captions import (cupl_caption_set, cupl_split, load_caption_jsonl, mask_class_name)
+from llm2clip.data.captions import cupl_caption_set, cupl_split, load_caption_jsonl, mask_class_name
 from llm2clip.errors import ConfigError, InputError
 from llm2clip.text.config import LLMEncoderConfig, RandomEncoderConfig, SentenceEncoderConfig
 from llm2clip.text.specs import _EncoderFile, parse_encoder_spec
@@ -84,11 +84,14 @@ def test_class_name_masking():
 
 def test_caption_jsonl_errors_name_file_and_line(tmp_path):
     f = tmp_path / "caps.jsonl"
-    f.write_text(json.dumps({"group": 1, "caption": "a dog"}) + "\n\n" + json.dumps({"group": 1, "caption": "a cat"}) + "\n")
+    lines = [json.dumps({"group": 1, "caption": "a dog"}), "", json.dumps({"group": 1, "caption": "a cat"})]
+    f.write_text("\n".join(lines) + "\n")
     cs = load_caption_jsonl(f)
     assert cs.captions == ["a dog", "a cat"] and cs.groups == ["1", "1"]
-    for body, msg in [('{"group": 1}\n', ":1: missing field 'caption'"), ('{"group": 1, "caption": ""}\n', ":1: field 'caption'"),
-                      ('{"group": 1, "caption": "x"}\n{oops\n', ":2: not valid JSON"), ("[1]\n", ":1: expected a JSON object"),
+    for body, msg in [('{"group": 1}\n', ":1: missing field 'caption'"),
+                      ('{"group": 1, "caption": ""}\n', ":1: field 'caption'"),
+                      ('{"group": 1, "caption": "x"}\n{oops\n', ":2: not valid JSON"),
+                      ("[1]\n", ":1: expected a JSON object"),
                       ("", "no captions")]:
         f.write_text(body)
         with pytest.raises(InputError, match=msg):

@@ -133,7 +133,7 @@ def official_ckpt(path, visual, text, logit_scale=3.9, dtype=torch.float16):
 
 # ------------------------------------------------------------------ forwards written from the raw tensors
 def adapter_by_hand(sd, x):
-    p = lambda k: sd["text.text_adaptor." + k]  # noqa: E731
+    p = lambda k: sd["text.text_adaptor." + k]
     depth = sum(1 for k in sd if k.startswith("text.text_adaptor.") and k.endswith(".fn.0.weight"))
     h = F.normalize(x, dim=-1)
     for i in range(depth):
@@ -151,9 +151,9 @@ def _attend(q, k, v):
 
 def eva_by_hand(sd, x):
     """EVA-CLIP's EVAVisionTransformer (subln, naive SwiGLU, RoPE on patch tokens, CLS after norm) + head."""
-    p = lambda k: sd["visual." + k]  # noqa: E731
+    p = lambda k: sd["visual." + k]
     W, H, eps = EVA["width"], EVA["heads"], 1e-6
-    ln = lambda t, k: F.layer_norm(t, t.shape[-1:], p(k + ".weight"), p(k + ".bias"), eps)  # noqa: E731
+    ln = lambda t, k: F.layer_norm(t, t.shape[-1:], p(k + ".weight"), p(k + ".bias"), eps)
     t = F.conv2d(x, p("patch_embed.proj.weight"), p("patch_embed.proj.bias"), stride=EVA["patch"])
     t = t.flatten(2).transpose(1, 2)
     t = torch.cat([p("cls_token").expand(len(x), -1, -1), t], 1) + p("pos_embed")
@@ -165,7 +165,7 @@ def eva_by_hand(sd, x):
         return torch.cat([z[:, :, :1], z[:, :, 1:] * cos + rot[:, :, 1:] * sin], 2)
 
     B, N = t.shape[:2]
-    heads = lambda z: z.view(B, N, H, W // H).transpose(1, 2)  # noqa: E731
+    heads = lambda z: z.view(B, N, H, W // H).transpose(1, 2)
     for i in range(EVA["depth"]):
         b = f"blocks.{i}."
         h = ln(t, b + "norm1")
@@ -183,14 +183,14 @@ def eva_by_hand(sd, x):
 
 def openai_by_hand(sd, x):
     """OpenAI CLIP ViT (pre-LN, QuickGELU, CLS after ln_post) then ``@ proj``."""
-    p = lambda k: sd["visual." + k]  # noqa: E731
+    p = lambda k: sd["visual." + k]
     W, H = OAI["width"], OAI["heads"]
-    ln = lambda t, k: F.layer_norm(t, t.shape[-1:], p(k + ".weight"), p(k + ".bias"))  # noqa: E731
+    ln = lambda t, k: F.layer_norm(t, t.shape[-1:], p(k + ".weight"), p(k + ".bias"))
     t = F.conv2d(x, p("conv1.weight"), stride=OAI["patch"]).flatten(2).transpose(1, 2)
     t = torch.cat([p("class_embedding").expand(len(x), 1, -1), t], 1) + p("positional_embedding")
     t = ln(t, "ln_pre")
     B, N = t.shape[:2]
-    heads = lambda z: z.view(B, N, H, W // H).transpose(1, 2)  # noqa: E731
+    heads = lambda z: z.view(B, N, H, W // H).transpose(1, 2)
     for i in range(OAI["depth"]):
         b = f"transformer.resblocks.{i}."
         q, k, v = F.linear(ln(t, b + "ln_1"), p(b + "attn.in_proj_weight"), p(b + "attn.in_proj_bias")).chunk(3, -1)

@@ -316,7 +316,7 @@ def test_preprocess_feeds_tensors(tmp_path):
             seen["type"] = type(x)
             return x.mean((2, 3)) - 0.5
 
-    to_tensor = lambda im: torch.tensor(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)  # noqa: E731
+    to_tensor = lambda im: torch.tensor(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
     res = evaluate_retrieval(TensorModel(), B.load_flickr30k(tmp_path), preprocess=to_tensor, batch_size=2)
     assert seen["type"] is torch.Tensor and res["metrics"]["t2i_R@1"] == 1.0
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import WORDS
 
 from llm2clip.errors import ConfigError, InputError
 from llm2clip.features import FeatureStore, IdentityMismatchError, StoreError, write_store
@@ -25,7 +26,6 @@ from llm2clip.features.cli import add_commands
 from llm2clip.features.cli import main as features_main
 from llm2clip.features.extract import EmbedConfig, load_embed_config, read_captions, run_embedding
 from llm2clip.text import CaptionEncoder, LLMEncoderConfig, RandomEncoderConfig
-from tiny import WORDS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -42,7 +42,8 @@ def groups_file(tmp_path_factory):
         for w in WORDS:
             for o in OBJECTS:
                 fh.write(json.dumps({"group": f"{w}-{o}", "kinds": ["short", "short", "dense"],
-                                     "captions": [f"a {w} {o}", f"the {o} is {w}", f"one {w} {o} on the left of a tree"]})
+                                     "captions": [f"a {w} {o}", f"the {o} is {w}",
+                                                  f"one {w} {o} on the left of a tree"]})
                          + "\n")
     return f
 
@@ -78,7 +79,8 @@ def test_pair_sampler(groups_file):
 
 def test_group_file_errors(tmp_path):
     f = tmp_path / "g.jsonl"
-    for body, msg in [('{"group": 1, "captions": ["a"]}\n{"group": 1, "captions": ["b", "c"]}\n', ":2: duplicate group"),
+    dup = '{"group": 1, "captions": ["a"]}\n{"group": 1, "captions": ["b", "c"]}\n'
+    for body, msg in [(dup, ":2: duplicate group"),
                       ('{"group": 1, "captions": []}\n', ":1: 'captions' must be"),
                       ('{"group": 1, "captions": ["a", "b"], "kinds": ["short"]}\n', ":1: 'kinds' must list"),
                       ('nope\n', ":1: not valid JSON")]:
@@ -265,7 +267,8 @@ def test_mntp_prediction_comes_from_the_previous_position(tiny_llm_dir):
     from llm2clip.text.attention import attention_inputs
 
     logits = enc.lm(input_ids=ids, **attention_inputs(tm, bidirectional=True, dtype=torch.float32)).logits
-    ref = (F.cross_entropy(logits[0, 3][None], ids[0, 4][None]) + F.cross_entropy(logits[1, 6][None], ids[1, 7][None])) / 2
+    ref = (F.cross_entropy(logits[0, 3][None], ids[0, 4][None])
+           + F.cross_entropy(logits[1, 6][None], ids[1, 7][None])) / 2
     torch.testing.assert_close(loss, ref)
     assert info["selected"] == 2
 

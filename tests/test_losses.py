@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 import torch.multiprocessing as mp
+from stage2_helpers import free_port, loss_worker
 
 from llm2clip.losses import ClipLoss, SigLipLoss, build_loss
-from stage2_helpers import free_port, loss_worker
 
 
 def _features(n=12, d=8, seed=0):

@@ -67,7 +67,8 @@ def test_model_shapes_logit_scale_and_clamp():
     assert math.isclose(float(m.logit_scale.detach()), math.log(100), rel_tol=1e-6)
     assert m.config.embed_dim == 20 and ModelConfig(vision=SMALL).embed_dim == 1280
     sig = LLM2CLIP(ModelConfig(vision=SMALL, embed_dim=8, loss="siglip"), text_dim=9)
-    assert math.isclose(float(sig.logit_scale.detach()), math.log(10), rel_tol=1e-6) and float(sig.logit_bias.detach()) == -10.0
+    assert math.isclose(float(sig.logit_scale.detach()), math.log(10), rel_tol=1e-6)
+    assert float(sig.logit_bias.detach()) == -10.0
 
 
 def test_adapter_dim_mismatch_is_an_error():
@@ -161,7 +162,8 @@ def test_weight_decay_and_layer_decay_groups():
     names = [n for n, _ in m.visual.named_parameters()]
     assert num_blocks(names) == 3
     assert layer_id("pos_embed", 3) == 0 and layer_id("blocks.2.fc1.weight", 3) == 3 and layer_id("norm.weight", 3) == 4
-    assert layer_id("visual.conv1.weight", 12) == 0 and layer_id("visual.transformer.resblocks.11.ln_1.weight", 12) == 12
+    assert layer_id("visual.conv1.weight", 12) == 0
+    assert layer_id("visual.transformer.resblocks.11.ln_1.weight", 12) == 12
     assert layer_id("model.vision_model.embeddings.patch_embedding.weight", 2) == 0
     groups = param_groups(m, lr=1.0, weight_decay=0.05, layer_decay=0.5)
     by_name = {n: g for g in groups for n in g["names"]}

@@ -44,7 +44,7 @@ def test_smoke_preset_writes_every_stage_and_the_report(smoke_run, capsys):
     assert all(m["stages"][n]["status"] == "done" for n in names)
     for t in ("llm-cc", "llm-cc-bidir"):  # each fine-tuned teacher has its own stage 1
         assert (smoke_run / "stage1" / t / "encoder" / "llm2clip_encoder.json").is_file()
-    enc = lambda t: json.loads((smoke_run / "stage1" / t / "encoder" / "llm2clip_encoder.json").read_text())  # noqa: E731
+    enc = lambda t: json.loads((smoke_run / "stage1" / t / "encoder" / "llm2clip_encoder.json").read_text())
     assert [enc(t)["encoder"]["bidirectional"] for t in ("llm-cc", "llm-cc-bidir")] == [False, True]
     for t in ("llm-raw", "llm-cc", "llm-cc-bidir", "random"):
         assert (smoke_run / "embed" / t / "manifest.json").is_file()
@@ -90,7 +90,8 @@ def test_changed_stage2_setting_redoes_only_stage2_and_eval(tmp_path, smoke_run,
     cfg.stage2.train.steps = 4
     run_pipeline(cfg)
     out = capsys.readouterr().out
-    assert "skipped: data, stage1/llm-cc, stage1/llm-cc-bidir, embed/llm-raw, embed/llm-cc, embed/llm-cc-bidir, embed/random" in out
+    skipped = "skipped: data, stage1/llm-cc, stage1/llm-cc-bidir, embed/llm-raw, embed/llm-cc, embed/llm-cc-bidir"
+    assert skipped + ", embed/random" in out
     m = json.loads((run_dir / PIPELINE_MANIFEST).read_text())
     for v in cfg.variants:
         assert m["stages"][f"train/{v.name}"]["result"]["steps"] == 4
@@ -120,7 +121,8 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     run_pipeline(smoke(run_dir))
     out = capsys.readouterr().out
-    assert f"skipped: data, stage1/llm-cc, stage1/llm-cc-bidir, embed/llm-raw, embed/llm-cc, embed/llm-cc-bidir, embed/random, {first}" in out
+    skipped = "skipped: data, stage1/llm-cc, stage1/llm-cc-bidir, embed/llm-raw, embed/llm-cc, embed/llm-cc-bidir"
+    assert f"{skipped}, embed/random, {first}" in out
     m = json.loads((run_dir / PIPELINE_MANIFEST).read_text())
     assert all(s["status"] == "done" for s in m["stages"].values())
 
@@ -131,7 +133,7 @@ def test_parallel_workers_give_the_same_results(tmp_path, smoke_run):
     run_dir = tmp_path / "par"
     res = run_pipeline(smoke(run_dir, parallel=2))
     one = json.loads((smoke_run / "report" / "results.json").read_text())
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
     assert strip(res["rows"]) == strip(one["rows"])
 
 
@@ -185,6 +187,23 @@ def test_eta_is_rescaled_by_finished_stages(tmp_path):
     assert r._left(st) == pytest.approx(200)
     r.spent_est, r.spent_real = 100, 300  # this machine ran 3x slower than the priors
     assert r._left(st[1:]) == pytest.approx(100 * 360 / 160)
+
+
+def test_runner_owns_only_an_empty_folder_or_its_own_run(tmp_path):
+    from llm2clip.pipeline.runner import PIPELINE_MANIFEST, Runner, Stage
+
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("x")
+    with pytest.raises(ConfigError, match="not an llm2clip run folder"):
+        Runner(mine, [Stage("a", {}, dict)])
+    assert (mine / "thesis.tex").read_text() == "x"
+    run = tmp_path / "run"
+    Runner(run, [Stage("a", {}, dict)]).run()
+    assert (run / PIPELINE_MANIFEST).is_file()
+    (run / f".{PIPELINE_MANIFEST}.tmp-123").write_text("{")  # a killed manifest write
+    Runner(run, [Stage("a", {}, dict)])
+    assert not list(run.glob(".*tmp-*"))
 
 
 def test_quickstart_preset_is_valid_and_plans_the_paper_ablation():

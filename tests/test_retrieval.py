@@ -54,7 +54,7 @@ def _clip_benchmark_evaluate(zr, img, txt, ci, ks, batch_size=16):
     caps_of = [[str(c) for c in (ci == i).nonzero().flatten().tolist()] for i in range(len(img))]
     batches = [(torch.arange(s, min(s + batch_size, len(img))), caps_of[s: s + batch_size])
                for s in range(0, len(img), batch_size)]
-    tokenizer = lambda texts: torch.tensor([int(t) for t in texts])  # noqa: E731
+    tokenizer = lambda texts: torch.tensor([int(t) for t in texts])
     return zr.evaluate(_IndexModel(img, txt), batches, tokenizer, "cpu", amp=False, recall_k_list=list(ks))
 
 

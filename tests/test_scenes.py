@@ -10,8 +10,19 @@ import torch
 from PIL import Image
 
 from llm2clip.data import fashion_mnist as fm
-from llm2clip.data.images import (BagOfWordsConfig, BagOfWordsEncoder, Caption, InMemoryFeatures, PairDataset,
-                                  Record, StepBatchSampler, collate, encode_captions, load_image_file, load_manifest)
+from llm2clip.data.images import (
+    BagOfWordsConfig,
+    BagOfWordsEncoder,
+    Caption,
+    InMemoryFeatures,
+    PairDataset,
+    Record,
+    StepBatchSampler,
+    collate,
+    encode_captions,
+    load_image_file,
+    load_manifest,
+)
 from llm2clip.data.scenes import COLOURS, SceneSet, make_scene
 from llm2clip.errors import InputError
 from llm2clip.vision import build_transform
@@ -98,7 +109,8 @@ def test_manifest_jsonl_and_csv(tmp_path):
     recs = load_manifest(tmp_path / "m.jsonl")
     assert len(recs) == 2 and recs[0].image == str(tmp_path / "im0.png")
     assert recs[0].captions["short"][0].text == "x" and recs[0].captions["dense"][0].id == "b"
-    (tmp_path / "m.csv").write_text("image,caption_id,kind,text\nim0.png,a,short,x\nim0.png,b,dense,\nim1.png,c,short,y\n")
+    rows = ["image,caption_id,kind,text", "im0.png,a,short,x", "im0.png,b,dense,", "im1.png,c,short,y"]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     recs2 = load_manifest(tmp_path / "m.csv")
     assert [len(r.captions) for r in recs2] == [2, 1] and recs2[1].captions["short"][0].text == "y"
     (tmp_path / "bad.jsonl").write_text('{"image": "im0.png", "captions": []}\n')

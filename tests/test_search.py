@@ -17,6 +17,7 @@ import llm2clip
 from llm2clip.config import parse_config
 from llm2clip.data.scenes import SceneSet
 from llm2clip.errors import ConfigError, InputError
+from llm2clip.fileio import JOB_RECORD
 from llm2clip.model import LLM2CLIP
 from llm2clip.search import ImageIndex, build_index, search_index
 from llm2clip.search.cli import add_commands
@@ -79,7 +80,7 @@ def test_index_command_skips_and_lists_unreadable_files(tmp_path, model_dir, ima
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["count"] == N_SCENES and manifest["skipped"] == 2 and manifest["index"]["kind"] == "flat"
     assert manifest["model"]["path"] == str(model_dir.resolve()) and len(manifest["model"]["weights_sha256"]) == 64
-    assert not (out / CHUNK_DIR).exists() and not (out / "index-job.json").exists()
+    assert not (out / CHUNK_DIR).exists() and not (out / JOB_RECORD).exists()
     # a rerun of a finished index does nothing; another index kind in the same folder is refused
     assert _cli("index", images, "--model", model_dir, "--out", out, "--chunk-size", "8", "--no-progress") == 0
     assert "already complete" in capsys.readouterr().out

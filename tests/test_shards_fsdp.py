@@ -8,13 +8,22 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from stage2_helpers import (
+    CrashAt,
+    SimulatedCrash,
+    assert_same_tensors,
+    fit_worker_resumable,
+    free_port,
+    model_weights,
+    run_cfg,
+    tiny_run_config,
+    write_scene_manifest,
+)
 
 from llm2clip.data.images import InMemoryFeatures, load_image_file, load_manifest
 from llm2clip.data.shards import ShardStream, expand_shards, index_shard, write_shards
 from llm2clip.errors import ConfigError, InputError
 from llm2clip.train.loop import fit
-from stage2_helpers import CrashAt, SimulatedCrash, assert_same_tensors, model_weights, run_cfg, fit_worker_resumable, free_port, tiny_run_config, write_scene_manifest
-
 
 _cfg, _weights, _same = run_cfg, model_weights, assert_same_tensors
 

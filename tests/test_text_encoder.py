@@ -188,7 +188,8 @@ def test_truncation_is_counted_and_keeps_the_template(tiny_llm_dir):
         make(tiny_llm_dir, template="tokenizer", instruction="red " * 10, max_length=8)
 
 
-@pytest.mark.parametrize("bad, msg", [(["a dog", ""], "caption 1: empty"), (["a dog", 3], "caption 1: expected a string"),
+@pytest.mark.parametrize("bad, msg", [(["a dog", ""], "caption 1: empty"),
+                                      (["a dog", 3], "caption 1: expected a string"),
                                       (["a dog", "   "], "caption 1: empty")])
 def test_bad_captions_name_their_index(tiny_llm_dir, bad, msg):
     with pytest.raises(InputError, match=msg):
@@ -196,7 +197,6 @@ def test_bad_captions_name_their_index(tiny_llm_dir, bad, msg):
 
 
 def test_zero_token_caption_is_an_error_not_nan(tiny_llm_dir, tmp_path):
-    from tiny import make_tiny_llm
 
     # A tokenizer without <unk> fallback that drops unknown characters would give zero tokens;
     # emulate with a tokenizer call that returns no ids.

@@ -289,13 +289,13 @@ class LoadedModel:
         if isinstance(images, torch.Tensor):
             images = self._pixels(images)
             n = images.shape[0]
-            get = lambda lo, hi: images[lo:hi]  # noqa: E731
+            get = lambda lo, hi: images[lo:hi]
         else:
             if isinstance(images, (str, Path, Image.Image)):
                 images = [images]
             images = list(images)
             n = len(images)
-            get = lambda lo, hi: torch.stack(  # noqa: E731
+            get = lambda lo, hi: torch.stack(
                 [self.transform(self.load_image(images[i], f"image {i}")) for i in range(lo, hi)])
         if n == 0:
             return torch.empty(0, self.embed_dim)

@@ -44,13 +44,22 @@ def temp_path(path: str | Path) -> Path:
 
 def write_atomic(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
     """Call ``write(f)`` on a temp file beside ``path``, then replace ``path`` with it, durably."""
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    return save_atomic(path, save)
+
+
+def save_atomic(path: str | Path, save: Callable[[Path], None]) -> Path:
+    """``save(temp path)`` for writers that want a file name (safetensors, HF), then the same durable rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
+        save(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal, Sequence, Union
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ class ClipTextConfig(StrictModel):
     mlp_ratio: float = 4.0
 
 
-TextSideConfig = Annotated[Union[AdapterConfig, ClipTextConfig], Field(discriminator="kind")]
+TextSideConfig = Annotated[AdapterConfig | ClipTextConfig, Field(discriminator="kind")]
 
 
 class ModelConfig(StrictModel):
@@ -264,14 +265,15 @@ class LLM2CLIP(nn.Module):
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_model
 
+        from .fileio import save_atomic, write_json_atomic
+
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(path / MODEL_WEIGHTS))
-        (path / MODEL_MANIFEST).write_text(json.dumps(self.manifest(), indent=2))
+        save_atomic(path / MODEL_WEIGHTS, lambda tmp: save_model(self, str(tmp)))
+        write_json_atomic(path / MODEL_MANIFEST, self.manifest())  # last: a folder with it is a whole model
         return path
 
     @classmethod
-    def load(cls, path: str | Path, text_identity: dict | None = None, map_location: str = "cpu") -> "LLM2CLIP":
+    def load(cls, path: str | Path, text_identity: dict | None = None, map_location: str = "cpu") -> LLM2CLIP:
         """A saved model, in eval mode; ``text_identity`` (of the store or encoder to be used) is checked
         against the manifest."""
         from safetensors.torch import load_model

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+FORCE_HELP = "replace --out if llm2clip wrote it (never the working or home folder)"
+
 CONVERT_EPILOG = """\
 examples:
   llm2clip convert official-llm ~/hf/LLM2CLIP-Llama-3.2-1B-Instruct-CC-Finetuned --out models/llama32-1b-cc
@@ -47,7 +49,7 @@ def add_commands(sub) -> None:
                    help="our caption-encoder directory that feeds the adapter (pinned in the model; dims checked)")
     p.add_argument("--no-adapter-l2-norm", action="store_true",
                    help="do not L2-normalise caption embeddings before the adapter (default: normalise)")
-    p.add_argument("--force", action="store_true", help="replace --out if llm2clip wrote it (never the working or home folder)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=run_convert_clip)
 
     p = csub.add_parser(
@@ -63,7 +65,7 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                    help="weights and compute dtype (default bfloat16, as the official encoders ran)")
     p.add_argument("--max-length", type=int, default=512, help="max tokens per caption with template (default 512)")
-    p.add_argument("--force", action="store_true", help="replace --out if llm2clip wrote it (never the working or home folder)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=run_convert_llm)
 
     exp = sub.add_parser(
@@ -81,7 +83,7 @@ def add_commands(sub) -> None:
                     "llm2clip_head.safetensors. The export is reloaded and checked against the tower.")
     p.add_argument("model", type=Path, metavar="MODEL_DIR", help="saved LLM2CLIP model directory")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--force", action="store_true", help="replace --out if llm2clip wrote it (never the working or home folder)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=run_export_hf)
 
     p = esub.add_parser(
@@ -93,7 +95,7 @@ def add_commands(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
-    p.add_argument("--force", action="store_true", help="replace --out if llm2clip wrote it (never the working or home folder)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=run_export_onnx)
 
 

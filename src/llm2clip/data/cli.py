@@ -32,7 +32,8 @@ def add_commands(sub) -> None:
     p.add_argument("--image-root", type=Path, help="base of relative image paths (default: the manifest's folder)")
     p.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--prefix", default="train", help="shard name prefix (default train)")
-    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and llm2clip wrote it (never the working or home folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DIR if it exists and llm2clip wrote it (never the working or home folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_shards)
 

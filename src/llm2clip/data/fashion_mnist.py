@@ -64,7 +64,7 @@ def class_captions(per_class: int = 20, seed: int = 0) -> dict[str, dict[str, li
         from .captions import cupl_descriptions
 
         cupl = cupl_descriptions()
-    except Exception:  # noqa: BLE001 - dense captions are optional
+    except Exception:
         cupl = {}
     out = {}
     for c, names in CUPL_CLASSES.items():

@@ -279,7 +279,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
     def __init__(self, n: int, global_batch: int, world: int = 1, rank: int = 0, accum: int = 1, seed: int = 0,
                  start_step: int = 0, total_steps: int | None = None):
         if global_batch % (world * accum):
-            raise InputError(f"batch_size {global_batch} is not divisible by world size x accum_steps ({world * accum})")
+            raise InputError(f"batch_size {global_batch} is not divisible by world size x accum_steps "
+                             f"({world * accum})")
         if n < global_batch:
             raise InputError(f"the data set has {n} samples, fewer than one batch of {global_batch}")
         self.n, self.G, self.world, self.rank, self.accum, self.seed = n, global_batch, world, rank, accum, seed

@@ -10,9 +10,9 @@ Sampling is a pure function of (seed, step), so a resumed run draws the same bat
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from ..data.captions import cupl_caption_set
 from ..data.jsonl import read_jsonl

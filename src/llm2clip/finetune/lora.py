@@ -12,7 +12,7 @@ computes it once per token sequence; training then runs only the top N layers.
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

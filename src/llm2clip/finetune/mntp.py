@@ -8,7 +8,7 @@ i-1, so the causal LM head is reused as it is.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,8 @@ def mask_token_id(tokenizer, mask_token: str | None = "_") -> int:
         return int(tokenizer.mask_token_id)
     ids = tokenizer(mask_token, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise ConfigError(f"mntp.mask_token: {mask_token!r} is {len(ids)} tokens for this tokenizer; pick a single token")
+        raise ConfigError(f"mntp.mask_token: {mask_token!r} is {len(ids)} tokens for this tokenizer; "
+                          "pick a single token")
     return int(ids[0])
 
 

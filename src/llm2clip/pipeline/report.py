@@ -141,7 +141,8 @@ def check_claims(cfg: PipelineConfig, rows: list[dict]) -> list[dict]:
         if mid and hi and mid is not hi and mid["short"] is not None:
             claims.append({"claim": f"100 % dense captions hurt short-caption retrieval (vs {round(default * 100)} %)",
                            "holds": hi["short"] < mid["short"],
-                           "numbers": f"short R@1: 100 % {hi['short']:.3f}, {round(default * 100)} % {mid['short']:.3f}"})
+                           "numbers": f"short R@1: 100 % {hi['short']:.3f}, "
+                                      f"{round(default * 100)} % {mid['short']:.3f}"})
         if mid and lo and mid is not lo and mid["dense_mean"] is not None:
             claims.append({"claim": f"0 % dense captions hurt dense-caption retrieval (vs {round(default * 100)} %)",
                            "holds": lo["dense_mean"] < mid["dense_mean"],
@@ -304,7 +305,8 @@ def write_report(cfg: PipelineConfig, manifest: dict, config_source: str = "", o
            f"average, dense {data.get('mean_words', {}).get('dense', '?')}. Scene CRA: each held-out dense caption "
            "queries the distinct short captions (pool size in brackets; many scenes share a short caption), a hit "
            "when its own scene's short caption ranks first. CuPL CRA: every description of the held-out classes "
-           "queries all others, a hit when the first shares its class (the paper's CRA on real text). " + _zeroshot_text(cfg, zs), "", table, ""]
+           "queries all others, a hit when the first shares its class (the paper's CRA on real text). "
+           + _zeroshot_text(cfg, zs), "", table, ""]
     if trunc:
         md.append(f"The CLIP text tower reads {trunc['context']} tokens: {trunc['over']} of {trunc['total']} "
                   f"held-out dense captions are longer (median {trunc['median_tokens']} tokens) and are cut.")

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..fileio import write_json_atomic
+from ..errors import ConfigError
+from ..fileio import remove_temp_files, write_json_atomic
 
 PIPELINE_MANIFEST = "manifest.json"
-MANIFEST = PIPELINE_MANIFEST  # old name, still imported by pipeline/stages.py
 
 
 def stable_hash(obj) -> str:
@@ -56,8 +56,13 @@ class Runner:
         self.stages = stages
         self.parallel = max(1, parallel)
         self.out = out
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / PIPELINE_MANIFEST
+        if self.run_dir.is_dir() and any(self.run_dir.iterdir()) and not self.path.is_file():
+            # a run clears and rewrites stage folders: it may own only an empty folder or one of its runs
+            raise ConfigError(f"{self.run_dir}: not empty and not an llm2clip run folder (no {PIPELINE_MANIFEST}); "
+                              "choose an empty or new folder")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        remove_temp_files(self.run_dir)  # left by a killed write of the manifest
         self.manifest = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.manifest.setdefault("stages", {})
         if config is not None:
@@ -164,7 +169,7 @@ class Runner:
         finished: set[str] = set()
         waiting, running = list(group), {}
         ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch threads
-        units = lambda s: s.progress() if s.progress else (0, 1)  # noqa: E731
+        units = lambda s: s.progress() if s.progress else (0, 1)
         total = sum(units(s)[1] for s in group)
         bar = tqdm(total=total, unit="step", desc="stages", file=self.out, dynamic_ncols=True, mininterval=2)
         pool = cf.ProcessPoolExecutor(max_workers=self.parallel, mp_context=ctx)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data.jsonl import read_jsonl
+from ..fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +27,9 @@ def _threads(n: int | None) -> None:
 
 
 def _write_jsonl(path: Path, rows) -> int:
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-            n += 1
-    tmp.replace(path)
-    return n
+    lines = [json.dumps(r) + "\n" for r in rows]
+    write_text_atomic(path, "".join(lines))
+    return len(lines)
 
 
 # ------------------------------------------------------------------------------------- data
@@ -214,9 +210,9 @@ def run_eval(run_dir: str, scenes: dict, teachers: dict, variants: list[str], cu
             ids.append(val.caption_id(i, kind))
             texts.append(text)
     cs = cupl_caption_set("heldout", cupl["classes"], cupl["per_class"], False)
-    from .runner import MANIFEST
+    from .runner import PIPELINE_MANIFEST
 
-    recorded = json.loads((Path(run_dir) / MANIFEST).read_text())["stages"]
+    recorded = json.loads((Path(run_dir) / PIPELINE_MANIFEST).read_text())["stages"]
     out: dict = {"teachers": {}, "variants": {v: recorded[f"train/{v}"]["result"] for v in variants}}
     for name, t in teachers.items():
         if t["kind"] == "clip":

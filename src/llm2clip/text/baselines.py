@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -40,7 +40,8 @@ class SentenceEncoder:
         return dict(self._identity)
 
     @torch.inference_mode()
-    def encode(self, captions: Sequence[str], batch_size: int | None = None, progress: bool | None = None) -> torch.Tensor:
+    def encode(self, captions: Sequence[str], batch_size: int | None = None,
+               progress: bool | None = None) -> torch.Tensor:
         captions = check_captions(captions)
         bs = batch_size or self.config.batch_size
         order = sorted(range(len(captions)), key=lambda i: -len(captions[i]))
@@ -66,7 +67,8 @@ class RandomEncoder:
     def identity(self) -> dict:
         return {"base_model": "random", "seed": self.config.seed, "dim": self.dim}
 
-    def encode(self, captions: Sequence[str], batch_size: int | None = None, progress: bool | None = None) -> torch.Tensor:
+    def encode(self, captions: Sequence[str], batch_size: int | None = None,
+               progress: bool | None = None) -> torch.Tensor:
         captions = check_captions(captions)
         out = torch.empty(len(captions), self.dim)
         for i, c in enumerate(captions):

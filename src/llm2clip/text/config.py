@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
@@ -77,5 +77,5 @@ class RandomEncoderConfig(StrictModel):
 
 
 TextEncoderConfig = Annotated[
-    Union[LLMEncoderConfig, SentenceEncoderConfig, RandomEncoderConfig], Field(discriminator="kind")
+    LLMEncoderConfig | SentenceEncoderConfig | RandomEncoderConfig, Field(discriminator="kind")
 ]

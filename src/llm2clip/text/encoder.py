@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputError
+from ..fileio import write_json_atomic
 from .attention import attention_inputs
 from .config import LLMEncoderConfig
 from .loading import DTYPES, load_base_model, load_tokenizer, merge_adapters, resolve_source, weight_hash
@@ -38,7 +39,7 @@ class CaptionBatch:
     token_mask: torch.Tensor  # [B, T] real tokens
     pool_mask: torch.Tensor  # [B, T] pooled tokens
 
-    def to(self, device) -> "CaptionBatch":
+    def to(self, device) -> CaptionBatch:
         return CaptionBatch(self.input_ids.to(device), self.token_mask.to(device), self.pool_mask.to(device))
 
 
@@ -78,7 +79,7 @@ class CaptionEncoder:
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
-    def from_config(cls, config: LLMEncoderConfig, with_lm_head: bool = False) -> "CaptionEncoder":
+    def from_config(cls, config: LLMEncoderConfig, with_lm_head: bool = False) -> CaptionEncoder:
         """Load, merge adapters, cast. ``with_lm_head`` also keeps the LM head (for MNTP) as
         ``encoder.lm``, which shares the encoder's body."""
         source = resolve_source(config.model, config.gguf_file)
@@ -107,7 +108,7 @@ class CaptionEncoder:
         return enc
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides) -> "CaptionEncoder":
+    def from_pretrained(cls, path: str | Path, **overrides) -> CaptionEncoder:
         """Load a saved caption encoder directory, with its settings from its manifest."""
         manifest = Path(path) / ENCODER_MANIFEST
         if not manifest.is_file():
@@ -123,7 +124,8 @@ class CaptionEncoder:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         settings = self.config.model_dump(exclude={"model", "adapters", "gguf_file", "device"})
-        (path / ENCODER_MANIFEST).write_text(json.dumps({"encoder": settings, "identity": self.identity()}, indent=2))
+        # the manifest goes last: a folder that has it holds a whole encoder
+        write_json_atomic(path / ENCODER_MANIFEST, {"encoder": settings, "identity": self.identity()})
 
     def identity(self) -> dict:
         """Everything that changes an embedding: recorded in stores and checkpoints, checked on use."""
@@ -217,7 +219,8 @@ class CaptionEncoder:
                 group = []
 
     @torch.inference_mode()
-    def encode(self, captions: Sequence[str], batch_size: int | None = None, progress: bool | None = None) -> torch.Tensor:
+    def encode(self, captions: Sequence[str], batch_size: int | None = None,
+               progress: bool | None = None) -> torch.Tensor:
         """Embeddings [N, D] (float32, CPU) in input order; batches sorted by length."""
         items = self.tokenize(captions)
         self.truncated_count = sum(t.truncated for t in items)
@@ -225,8 +228,8 @@ class CaptionEncoder:
             log.warning("%d of %d captions truncated to max_length=%d", self.truncated_count, len(items),
                         self.config.max_length)
         out = torch.empty(len(items), self.dim, dtype=torch.float32)
-        bar = tqdm(total=len(items), unit="caption", desc="encode", disable=not progress if progress is not None else None,
-                   leave=False)
+        bar = tqdm(total=len(items), unit="caption", desc="encode", leave=False,
+                   disable=not progress if progress is not None else None)
         for idx, batch in self._batches(items, batch_size or self.config.batch_size):
             batch = batch.to(self.device)
             emb = self.forward_packed(batch) if isinstance(batch, PackedBatch) else self.forward(batch)

@@ -8,8 +8,8 @@ if it were encoded alone: it cannot depend on the captions it shares a row or a 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -31,7 +31,7 @@ class PackedBatch:
     def n(self) -> int:
         return int(self.first_pos.shape[0])
 
-    def to(self, device) -> "PackedBatch":
+    def to(self, device) -> PackedBatch:
         return PackedBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
@@ -80,7 +80,7 @@ def pack(items: Sequence, rows: Sequence[Sequence[int]], pad_id: int) -> PackedB
             last.append(base + n - 1)
             off += n
             k += 1
-    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)
     return PackedBatch(ids, pos, seg, as_long(pool_pos), as_long(pool_owner), as_long(pool_rank),
                        as_long(first), as_long(last))
 

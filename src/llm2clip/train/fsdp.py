@@ -82,8 +82,7 @@ def index_to_fqn(model, optimizer, osd: dict) -> dict:
 
 def gather_full_state(model, optimizer) -> tuple[dict, dict]:
     """(model state, optimizer state in index layout), full on rank 0 and empty elsewhere. Collective."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     msd = get_model_state_dict(model, options=opts)
@@ -93,8 +92,7 @@ def gather_full_state(model, optimizer) -> tuple[dict, dict]:
 
 def load_full_state(model, optimizer, msd: dict, osd: dict) -> None:
     """Load a full model and optimizer state (index layout) into the sharded model on every rank."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, msd, options=opts)

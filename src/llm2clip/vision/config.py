@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -69,4 +69,4 @@ class HFVisionConfig(StrictModel):
         self.path = _fix_path(self.path, base)
 
 
-VisionConfig = Annotated[Union[SmallViTConfig, OpenClipVisionConfig, HFVisionConfig], Field(discriminator="kind")]
+VisionConfig = Annotated[SmallViTConfig | OpenClipVisionConfig | HFVisionConfig, Field(discriminator="kind")]
