@@ -12,12 +12,10 @@
   released encoders' settings made explicit: bidirectional, mean pooling, the Llama-3 user turn,
   pooling the caption tokens and ``<|eot_id|>`` (docs/METHOD.md 1.3, 2 and 5).
 
-On the adapter's L2 normalisation: docs/METHOD.md 3.1 puts it on the adapter's input (the stored LLM
-vector); a version of the official ``TextProj.forward`` we read normalises the adapter's *output*
-instead (which the CLIP loss normalises again anyway), and the 1B model card normalises the LLM
-vector before calling the adapter. Our converted adapter normalises its input (``l2_norm: true``),
-which matches every recipe that feeds normalised LLM vectors; ``adapter_l2_norm=False`` keeps raw
-vectors for checkpoints trained on them.
+On the adapter's L2 normalisation: the official ``TextProj`` normalises its *input*, the pooled LLM
+vector (docs/METHOD.md 3.1; the 1B model card does the same before calling the adapter), and no version
+of the official code normalises its output. Our converted adapter does the same (``l2_norm: true``);
+``adapter_l2_norm=False`` is only an option, for checkpoints trained on raw vectors.
 """
 
 from __future__ import annotations
