@@ -104,6 +104,10 @@ def test_encoder_and_vision_files_resolve_against_their_folder(tmp_path, monkeyp
     enc = parse_encoder_spec("specs/enc.yaml")
     assert Path(enc.model).resolve() == folder / "llm" and Path(enc.adapters[0]).resolve() == folder / "lora"
     assert Path(resolve_vision("specs/vision.yaml").pretrained).resolve() == folder / "w.bin"
+    (folder / "sent.yaml").write_text("encoder: {kind: sentence, model: ./minilm}\n")
+    assert Path(parse_encoder_spec("specs/sent.yaml").model).resolve() == folder / "minilm"
+    (folder / "alias.yaml").write_text("encoder: {kind: sentence, model: all-minilm-l6-v2}\n")
+    assert parse_encoder_spec("specs/alias.yaml").model == "all-minilm-l6-v2"  # a name, not a path
 
 
 def test_absolute_paths_and_names_stay_as_given(tmp_path):

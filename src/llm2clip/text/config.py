@@ -14,6 +14,13 @@ Template = Literal["none", "tokenizer", "llama3"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
+def _model_path(p: str, base: Path) -> str:
+    """A model field is a path (relative to the config's folder) when it starts with '.' or names something
+    there; otherwise an alias or hub id, kept as written."""
+    q = Path(p).expanduser()
+    return str(base / q) if not q.is_absolute() and (p.startswith(".") or (base / q).exists()) else p
+
+
 class LLMEncoderConfig(StrictModel):
     """A decoder LLM used as a caption encoder (docs/METHOD.md 1.1, 2 and 6).
 
@@ -50,12 +57,8 @@ class LLMEncoderConfig(StrictModel):
         return v.strip() or None if isinstance(v, str) else v
 
     def resolve_paths(self, base: Path) -> None:
-        def fix(p: str) -> str:
-            q = Path(p).expanduser()
-            return str(base / q) if not q.is_absolute() and (p.startswith(".") or (base / q).exists()) else p
-
-        self.model = fix(self.model)
-        self.adapters = [fix(a) for a in self.adapters]
+        self.model = _model_path(self.model, base)
+        self.adapters = [_model_path(a, base) for a in self.adapters]
 
 
 class SentenceEncoderConfig(StrictModel):
@@ -63,6 +66,9 @@ class SentenceEncoderConfig(StrictModel):
 
     kind: Literal["sentence"] = "sentence"
     model: str = "all-minilm-l6-v2"
+
+    def resolve_paths(self, base: Path) -> None:
+        self.model = _model_path(self.model, base)
     max_length: int = Field(256, ge=8)
     batch_size: int = Field(64, ge=1)
     device: str = "cpu"
