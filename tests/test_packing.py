@@ -71,15 +71,15 @@ def test_packed_equals_alone_for_every_family(tiny_family_dirs, family, bidirect
     enc = make(tiny_family_dirs[family], bidirectional=bidirectional)
     for mode in POOLING_MODES:
         enc.config.pooling = mode
-        enc.config.packing = False
+        enc.config.batching = "padded"
         alone = torch.cat([enc.encode([c], batch_size=1) for c in CAPTIONS])
-        enc.config.packing, enc.config.pack_tokens = True, 40  # several captions a row, several rows
+        enc.config.batching, enc.config.pack_tokens = "packed", 40  # several captions a row, several rows
         packed = enc.encode(CAPTIONS, batch_size=4)
         torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5, msg=f"{family} {mode}")
 
 
 def test_packed_embedding_does_not_depend_on_its_companions(tiny_llm_dir):
-    enc = make(tiny_llm_dir, packing=True, pack_tokens=64)
+    enc = make(tiny_llm_dir, batching="packed", pack_tokens=64)
     target = CAPTIONS[2]
     alone = enc.encode([target])[0]
     short = enc.encode([target, *CAPTIONS[:2]])[0]

@@ -41,11 +41,14 @@ class LLMEncoderConfig(StrictModel):
     max_length: int = Field(512, ge=8)
     dtype: DType = "float32"
     batch_size: int = Field(32, ge=1)
-    packing: bool = Field(
-        False, description="encode captions packed into rows with a block-diagonal mask: no padding, and an "
-        "embedding that does not depend on its batch"
+    batching: Literal["exact", "padded", "packed"] = Field(
+        "exact", description=(
+            "exact: each forward holds captions of one token length, so nothing is padded and a caption's "
+            "embedding is the one it has alone, bit for bit in bf16 too; padded: length-sorted batches padded to "
+            "their longest caption (an embedding then moves with its companions, to about 1e-4 in bf16); packed: "
+            "rows of several captions with a block-diagonal mask (equal to alone up to float rounding)")
     )
-    pack_tokens: int = Field(512, ge=8, description="tokens per packed row")
+    pack_tokens: int = Field(512, ge=8, description="tokens per row when batching is packed")
     device: str = "cpu"
     attn_implementation: Literal["auto", "sdpa", "eager"] = Field(
         "auto", description="auto: SDPA where the family supports it, else eager (Gemma 2)"

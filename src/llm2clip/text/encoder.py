@@ -202,12 +202,15 @@ class CaptionEncoder:
         return pool_packed(hidden, batch, self.config.pooling)
 
     def _batches(self, items: Sequence[TokenizedCaption], batch_size: int):
-        """(item indices, batch) in the order they are encoded: length-sorted padded batches, or packed rows
-        gathered until a forward holds ``batch_size`` captions."""
-        if not self.config.packing:
+        """(item indices, batch) in the order they are encoded (see ``LLMEncoderConfig.batching``)."""
+        mode = self.config.batching
+        if mode in ("exact", "padded"):
             order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
-            for s in range(0, len(order), batch_size):
-                idx = order[s : s + batch_size]
+            while order:
+                n = min(batch_size, len(order))
+                if mode == "exact":  # cut where the length changes: no caption is padded
+                    n = next((j for j in range(1, n) if len(items[order[j]].ids) != len(items[order[0]].ids)), n)
+                idx, order = order[:n], order[n:]
                 yield idx, self.collate([items[i] for i in idx])
             return
         rows = plan_rows([len(t.ids) for t in items], self.config.pack_tokens)
