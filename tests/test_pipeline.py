@@ -13,6 +13,7 @@ from llm2clip.cli import main
 from llm2clip.errors import ConfigError
 from llm2clip.pipeline import build_stages, load_pipeline_config, preset_path, run_pipeline
 from llm2clip.pipeline import stages as S
+from llm2clip.pipeline.plan import variant_run
 from llm2clip.pipeline.runner import PIPELINE_MANIFEST
 
 
@@ -51,17 +52,26 @@ def test_smoke_preset_writes_every_stage_and_the_report(smoke_run, capsys):
     rep = smoke_run / "report"
     md = (rep / "report.md").read_text()
     res = json.loads((rep / "results.json").read_text())
-    assert len(res["rows"]) == len(cfg.variants) == 7
+    assert len(res["rows"]) == len(cfg.variants) == 7 and all(r["seeds"] == 2 for r in res["rows"])
     assert "Departure from the paper" in md and "kept as its own row, tiny LLM (CC, bidirectional)" in md
     for p in res["plots"]:
         assert (rep / p).read_bytes()[:4] == b"\x89PNG"
     assert "teachers.png" in res["plots"] and "dense_ratio_llm-cc.png" in res["plots"]
-    # the table rows are the training runs' own final held-out evaluation
+    # the table rows are the means of the training runs' own final held-out evaluations, one run per seed
     for row in res["rows"]:
-        last = [json.loads(x) for x in (smoke_run / "train" / row["variant"] / "metrics.jsonl").read_text().splitlines()
-                if '"eval"' in x][-1]["eval"]
-        assert row["dense_i2t"] == last["dense/i2t_R@1"] and row["short_t2i"] == last["short/t2i_R@1"]
+        lasts = []
+        for k in range(2):
+            lines = (smoke_run / "train" / variant_run(row["variant"], k) / "metrics.jsonl").read_text().splitlines()
+            lasts.append([json.loads(x) for x in lines if '"eval"' in x][-1]["eval"])
+        assert row["per_seed"]["dense_i2t"] == [e["dense/i2t_R@1"] for e in lasts]
+        assert row["dense_i2t"] == pytest.approx(sum(e["dense/i2t_R@1"] for e in lasts) / 2)
         assert f"| {row['variant']} |" in md
+    # every claim carries its paired comparisons, each with an interval around its difference and a verdict
+    for c in res["claims"]:
+        assert c["verdict"] in ("holds", "reversed", "not resolved") and c["comparisons"]
+        for x in c["comparisons"]:
+            assert x["low"] <= x["diff"] <= x["high"] and x["seeds"] == [2, 2] and x["images"] == cfg.scenes.val
+        assert f"**{c['verdict']}**: {c['claim']}" in md
     assert torch.__version__.startswith(res["versions"]["torch"])
     assert "## Timings per stage" in md and "## Config" in md and "## The paper's claims, checked" in md
     assert {c["claim"][:20] for c in res["claims"]} >= {"the raw LLM is the w", "CC fine-tuning lifts"}
@@ -72,7 +82,8 @@ def test_smoke_preset_writes_every_stage_and_the_report(smoke_run, capsys):
 
 
 def test_rerun_skips_finished_stages(smoke_run, capsys):
-    before = {p: _lines(p) for p in smoke_run.glob("train/*/metrics.jsonl")}
+    before = {p: _lines(p) for p in smoke_run.glob("train/*/*/metrics.jsonl")}
+    assert len(before) == 14
     st1 = _lines(smoke_run / "stage1" / "llm-cc" / "metrics.jsonl")
     run_pipeline(smoke(smoke_run))
     out = capsys.readouterr().out
@@ -94,9 +105,10 @@ def test_changed_stage2_setting_redoes_only_stage2_and_eval(tmp_path, smoke_run,
     assert skipped + ", embed/random" in out
     m = json.loads((run_dir / PIPELINE_MANIFEST).read_text())
     for v in cfg.variants:
-        assert m["stages"][f"train/{v.name}"]["result"]["steps"] == 4
+        assert m["stages"][f"train/{variant_run(v.name, 1)}"]["result"]["steps"] == 4
         # the folder was cleared: a fresh metrics file, not the old one extended
-        steps = [json.loads(x)["step"] for x in (run_dir / "train" / v.name / "metrics.jsonl").read_text().splitlines()]
+        metrics = run_dir / "train" / variant_run(v.name, 0) / "metrics.jsonl"
+        steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
         assert steps == sorted(steps)
 
 
@@ -115,7 +127,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(smoke(run_dir))
     m = json.loads((run_dir / PIPELINE_MANIFEST).read_text())
-    first, second = (f"train/{Path(p).name}" for p in calls)
+    first, second = (f"train/{Path(p).relative_to(run_dir / 'train').as_posix()}" for p in calls)
     assert m["stages"][first]["status"] == "done" and m["stages"][second]["status"] == "running"
     monkeypatch.setattr(S, "run_train", real)
     capsys.readouterr()

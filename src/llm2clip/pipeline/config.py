@@ -86,6 +86,9 @@ class Stage2Settings(StrictModel):
     model: ModelConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: LoopConfig = Field(default_factory=LoopConfig)
+    seeds: int = Field(1, ge=1, description=(
+        "training runs per variant, with seeds seed, seed+1, ...: the tower's initialisation and the data order; "
+        "the report's intervals and verdicts come from these runs and a bootstrap over held-out images"))
 
 
 class FashionMnistSettings(StrictModel):

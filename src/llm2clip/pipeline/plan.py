@@ -99,11 +99,13 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
 
     scene_kw = {"seed": cfg.scenes.seed, "min_objects": cfg.scenes.min_objects,
                 "max_objects": cfg.scenes.max_objects, "render_size": cfg.scenes.render_size}
-    for v in cfg.variants:
-        data = {"train": {"kind": "scenes", "count": cfg.scenes.train, "offset": 0, **scene_kw},
-                "val": {"kind": "scenes", "count": cfg.scenes.val, "offset": cfg.scenes.val_offset, **scene_kw},
-                "val_max": cfg.scenes.val, "caption_kinds": {"short": round(1 - v.dense, 6), "dense": v.dense}}
-        stages.append(_train_stage(cfg, v.name, v.teacher, data, cfg.stage2.train.steps, workers))
+    for k in range(cfg.stage2.seeds):  # seed-major: a partial run has every variant at its first seeds
+        for v in cfg.variants:
+            data = {"train": {"kind": "scenes", "count": cfg.scenes.train, "offset": 0, **scene_kw},
+                    "val": {"kind": "scenes", "count": cfg.scenes.val, "offset": cfg.scenes.val_offset, **scene_kw},
+                    "val_max": cfg.scenes.val, "caption_kinds": {"short": round(1 - v.dense, 6), "dense": v.dense}}
+            stages.append(_train_stage(cfg, variant_run(v.name, k), v.teacher, data, cfg.stage2.train.steps,
+                                       workers, seed=cfg.seed + k))
     fm = cfg.fashion_mnist
     for t in fm_teachers:  # the same text sides on real photos, for zero-shot classification
         data = {"train": {"kind": "fashion_mnist", "split": "train", "count": fm.train, "per_class": fm.per_class,
@@ -119,10 +121,17 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
     return stages
 
 
-def _train_stage(cfg: PipelineConfig, name: str, teacher: str, data: dict, steps: int, workers: int) -> Stage:
+def variant_run(variant: str, k: int) -> str:
+    """The stage-2 run of ``variant`` with its k-th seed (stage ``train/<this>``, folder ``train/<this>``)."""
+    return f"{variant}/s{k}"
+
+
+def _train_stage(cfg: PipelineConfig, name: str, teacher: str, data: dict, steps: int, workers: int,
+                 seed: int | None = None) -> Stage:
     run_dir = Path(cfg.run_dir)
     t = cfg.teachers[teacher]
-    rc = {"run_dir": str(run_dir / "train" / name), "seed": cfg.seed, "model": cfg.stage2.model.model_dump(mode="json"),
+    rc = {"run_dir": str(run_dir / "train" / name), "seed": cfg.seed if seed is None else seed,
+          "model": cfg.stage2.model.model_dump(mode="json"),
           "data": data, "optim": cfg.stage2.optim.model_dump(mode="json"),
           "train": {**cfg.stage2.train.model_dump(mode="json"), "steps": steps,
                     "threads": 1 if workers > 1 else (cfg.stage2.train.threads or cfg.threads)}}
@@ -145,7 +154,7 @@ def _eval_stage(cfg: PipelineConfig, stage_names: list[str]) -> Stage:
     for name, t in cfg.used_teachers().items():
         if isinstance(t, ClipTeacher):
             v = next(v for v in cfg.variants if v.teacher == name)
-            teachers[name] = {"kind": "clip", "model": str(run_dir / "train" / v.name / "model")}
+            teachers[name] = {"kind": "clip", "model": str(run_dir / "train" / variant_run(v.name, 0) / "model")}
         else:
             enc = _llm_cfg(cfg, name, run_dir) if isinstance(t, LLMTeacher) else t.encoder.model_dump(mode="json")
             teachers[name] = {"kind": "store", "store": str(run_dir / "embed" / name), "encoder": enc}
@@ -153,7 +162,7 @@ def _eval_stage(cfg: PipelineConfig, stage_names: list[str]) -> Stage:
     sc = cfg.scenes.model_dump()
     deps = [s for s in stage_names if s.startswith(("train/", "embed/")) and not s.startswith("train/fmnist-")]
     key = {"teachers": teachers, "cupl": cupl, "ks": cfg.eval.ks, "scenes": sc}
-    variants = [v.name for v in cfg.variants]
+    variants = {v.name: [variant_run(v.name, k) for k in range(cfg.stage2.seeds)] for v in cfg.variants}
     return Stage("eval", key, S.run_eval, (str(run_dir), sc, teachers, variants, cupl, cfg.eval.ks, cfg.threads),
                  deps=deps, estimate_s=5 + 0.02 * cfg.eval.cupl_classes * cfg.eval.cupl_per_class * len(teachers))
 

@@ -9,6 +9,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from ..fileio import markdown_table as _table
@@ -47,28 +48,69 @@ def _f(x, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+_METRICS = {  # row key -> how it is read from a run's final held-out evaluation
+    "short_i2t": lambda e: e.get("short/i2t_R@1"), "short_t2i": lambda e: e.get("short/t2i_R@1"),
+    "dense_i2t": lambda e: e.get("dense/i2t_R@1"), "dense_t2i": lambda e: e.get("dense/t2i_R@1"),
+    "short": lambda e: _mean(*_r1(e, "short")), "dense_mean": lambda e: _mean(*_r1(e, "dense")),
+    "short_R5": lambda e: _mean(e.get("short/i2t_R@5"), e.get("short/t2i_R@5")),
+    "dense_R5": lambda e: _mean(e.get("dense/i2t_R@5"), e.get("dense/t2i_R@5")),
+}
+
+
+def _seed_stats(values: list) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation over seeds (0 for one seed); None when any run lacks the value."""
+    if not values or any(v is None for v in values):
+        return None, None
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return m, sd
+
+
 def build_rows(cfg: PipelineConfig, ev: dict, zeroshot: dict | None = None) -> list[dict]:
+    """One row per variant: each metric's mean over the variant's seeds, its spread, and the per-seed values."""
     rows = []
     ref = cfg.variants[0].dense
     for v in cfg.variants:
-        res = ev["variants"][v.name]
-        e = res.get("eval", {})
+        runs = ev["variants"][v.name]
+        runs = runs if isinstance(runs, list) else [runs]
+        evals = [r.get("eval", {}) for r in runs]
         cra = ev["teachers"].get(v.teacher, {})
-        si, st = _r1(e, "short")
-        di, dt = _r1(e, "dense")
-        rows.append({
+        row = {
             "variant": v.name, "teacher": v.teacher, "label": cfg.teacher_label(v.teacher),
             "teacher_kind": _kind(cfg.teachers[v.teacher]), "dense": v.dense, "attention": _attention(cfg, v.teacher),
             "cra_scenes": cra.get("scenes", {}).get("R@1"), "cra_scenes_pool": cra.get("scenes", {}).get("pool_size"),
             "cra_cupl": cra.get("cupl", {}).get("R@1"), "cra_cupl_pool": cra.get("cupl", {}).get("pool_size"),
-            "short_i2t": si, "short_t2i": st, "dense_i2t": di, "dense_t2i": dt,
-            "short_R5": _mean(e.get("short/i2t_R@5"), e.get("short/t2i_R@5")),
-            "dense_R5": _mean(e.get("dense/i2t_R@5"), e.get("dense/t2i_R@5")),
-            "short": _mean(si, st), "dense_mean": _mean(di, dt), "steps": res.get("steps"),
-            "images_per_s": res.get("images_per_s"), "val_images": e.get("n"),
-            "zeroshot_top1": (zeroshot or {}).get(v.teacher, {}).get("top1") if v.dense == ref else None,
-        })
+            "seeds": len(runs), "per_seed": {}, "sd": {},
+        }
+        for key, read in _METRICS.items():
+            vals = [read(e) for e in evals]
+            row[key], row["sd"][key] = _seed_stats(vals)
+            row["per_seed"][key] = vals
+        ips = [r.get("images_per_s") for r in runs if r.get("images_per_s")]
+        row.update(steps=runs[0].get("steps"), images_per_s=sum(ips) / len(ips) if ips else None,
+                   val_images=evals[0].get("n"),
+                   zeroshot_top1=(zeroshot or {}).get(v.teacher, {}).get("top1") if v.dense == ref else None)
+        rows.append(row)
     return rows
+
+
+def heldout_scores(run_dir: Path, ev: dict) -> dict[str, dict[str, np.ndarray]]:
+    """variant -> kind -> [seeds, images] per-image R@1 (mean of the I2T and T2I hits), from each run's ranks."""
+    from ..eval.paired import per_image_hits
+    from ..train.loop import HELDOUT_RANKS
+
+    out: dict = {}
+    for variant, runs in ev.get("runs", {}).items():
+        per_kind: dict[str, list] = {}
+        for r in runs:
+            f = Path(run_dir) / "train" / r / HELDOUT_RANKS
+            if not f.is_file():
+                break
+            for kind, ranks in json.loads(f.read_text())["ranks"].items():
+                per_kind.setdefault(kind, []).append(per_image_hits(ranks))
+        else:
+            out[variant] = {k: np.stack(v) for k, v in per_kind.items()}
+    return out
 
 
 def _attention(cfg: PipelineConfig, name: str) -> str | None:
@@ -85,69 +127,81 @@ def _kind(t) -> str:
     return "encoder"
 
 
+def _pm(r: dict, key: str) -> str:
+    """Mean over seeds, with the standard deviation when there are several."""
+    if r[key] is None:
+        return "–"
+    return f"{r[key]:.3f} ±{r['sd'][key]:.3f}" if r.get("seeds", 1) > 1 else f"{r[key]:.3f}"
+
+
 def markdown_table(rows: list[dict]) -> str:
-    header = ["variant", "text teacher", "dense %", "scene CRA dense→short R@1", "CRA CuPL R@1", "short I2T R@1",
-              "short T2I R@1", "dense I2T R@1", "dense T2I R@1", "short R@5", "dense R@5", "zero-shot"]
+    header = ["variant", "text teacher", "dense %", "encoder CRA: scenes dense→short", "encoder CRA: CuPL",
+              "short R@1", "dense R@1", "short I2T", "short T2I", "dense I2T", "dense T2I", "short R@5", "dense R@5",
+              "zero-shot"]
     body = []
     for r in rows:
         cra_s = f"{_f(r['cra_scenes'])} ({r['cra_scenes_pool']})" if r["cra_scenes"] is not None else "–"
         cra_c = f"{_f(r['cra_cupl'])} ({r['cra_cupl_pool']})" if r["cra_cupl"] is not None else "–"
         zs = _f(r["zeroshot_top1"]) if r["zeroshot_top1"] is not None else "n/a"
-        body.append([r["variant"], r["label"], round(r["dense"] * 100), cra_s, cra_c, _f(r["short_i2t"]),
-                     _f(r["short_t2i"]), _f(r["dense_i2t"]), _f(r["dense_t2i"]), _f(r["short_R5"]), _f(r["dense_R5"]),
-                     zs])
-    return _table(header, body, align="l" * 3 + "r" * 9)
+        body.append([r["variant"], r["label"], round(r["dense"] * 100), cra_s, cra_c, _pm(r, "short"),
+                     _pm(r, "dense_mean"), _f(r["short_i2t"]), _f(r["short_t2i"]), _f(r["dense_i2t"]),
+                     _f(r["dense_t2i"]), _f(r["short_R5"]), _f(r["dense_R5"]), zs])
+    return _table(header, body, align="l" * 3 + "r" * 11)
 
 
-def check_claims(cfg: PipelineConfig, rows: list[dict]) -> list[dict]:
-    """The paper's orderings (docs/METHOD.md 8), each with the numbers it was decided on."""
-    claims = []
-    by_kind: dict[str, list[dict]] = {}
+def _compare(scores: dict, a: dict, b: dict, kind: str, reps: int) -> dict | None:
+    """Row a's held-out R@1 on ``kind`` captions minus row b's: paired over images, intervals over seeds too."""
+    from ..eval.paired import paired_difference, verdict
+
+    sa, sb = scores.get(a["variant"], {}).get(kind), scores.get(b["variant"], {}).get(kind)
+    if sa is None or sb is None:
+        return None
+    iv = paired_difference(sa, sb, reps=reps)
+    return {"a": a["label"] if a["dense"] == b["dense"] else a["variant"],
+            "b": b["label"] if a["dense"] == b["dense"] else b["variant"], "kind": kind, **iv,
+            "verdict": verdict(iv)}
+
+
+def check_claims(cfg: PipelineConfig, rows: list[dict], scores: dict, reps: int = 4000) -> list[dict]:
+    """The paper's orderings (docs/METHOD.md 8), each judged on paired differences of held-out R@1 (mean of
+    I2T and T2I) with 95 % intervals from the seeds and a bootstrap over the held-out images."""
+    from ..eval.paired import combine, format_interval
+
     default = cfg.variants[0].dense
-    for r in rows:
-        if r["dense"] == default:
-            by_kind.setdefault(r["teacher_kind"], []).append(r)
-    base = [r for r in rows if r["dense"] == default and r["dense_mean"] is not None]
-
-    def show(rs):
-        return ", ".join(f"{r['label']} {r['dense_mean']:.3f}" for r in rs)
-
-    raw = by_kind.get("llm-raw", [None])[0]
-    cc = by_kind.get("llm-cc", [None])[0]
-    clip = by_kind.get("clip", [None])[0]
+    base = [r for r in rows if r["dense"] == default]
+    first = {}
+    for r in base:
+        first.setdefault(r["teacher_kind"], r)
+    raw, cc, clip = first.get("llm-raw"), first.get("llm-cc"), first.get("clip")
+    wanted = []  # (claim, [(row that should be higher, row that should be lower, caption kind)])
     if raw and len(base) > 1:
-        others = [r for r in base if r is not raw]
-        ok = all(raw["dense_mean"] < r["dense_mean"] for r in others)
-        claims.append({"claim": "the raw LLM is the worst teacher for dense captions", "holds": ok,
-                       "numbers": f"dense R@1 (mean of I2T, T2I): {show(base)}"})
-    if cc and len(base) > 1:
-        others = [r for r in base if r["teacher_kind"] != "llm-cc"]  # other CC rows are settings of the same method
-        ok = all(cc["dense_mean"] > r["dense_mean"] for r in others)
-        claims.append({"claim": "CC fine-tuning lifts the LLM above the other teachers on dense captions",
-                       "holds": ok, "numbers": f"dense R@1: {show(base)}"})
-    if clip and len(base) > 1:
-        emb = [r for r in base if r["teacher_kind"] in ("llm-cc", "encoder")]
-        if emb:
-            best = max(emb, key=lambda r: r["dense_mean"])
-            claims.append({"claim": "the 77-token CLIP text tower falls behind on dense captions",
-                           "holds": clip["dense_mean"] < best["dense_mean"],
-                           "numbers": f"dense R@1: CLIP {clip['dense_mean']:.3f} vs best embedding teacher "
-                                      f"{best['label']} {best['dense_mean']:.3f}"})
+        wanted.append(("the raw LLM is the worst teacher for dense captions",
+                       [(r, raw, "dense") for r in base if r is not raw]))
+    if cc and len(base) > 1:  # other CC rows are settings of the same method
+        wanted.append(("CC fine-tuning lifts the LLM above the other teachers on dense captions",
+                       [(cc, r, "dense") for r in base if r["teacher_kind"] != "llm-cc"]))
+    if clip and cc:
+        wanted.append(("the 77-token CLIP text tower falls behind the CC-tuned LLM on dense captions",
+                       [(cc, clip, "dense")]))
     if cc:
-        ratio = sorted((r for r in rows if r["teacher"] == cc["teacher"]), key=lambda r: r["dense"])
-        mid = next((r for r in ratio if r["dense"] == default), None)
-        hi = next((r for r in ratio if r["dense"] == 1.0), None)
-        lo = next((r for r in ratio if r["dense"] == 0.0), None)
-        if mid and hi and mid is not hi and mid["short"] is not None:
-            claims.append({"claim": f"100 % dense captions hurt short-caption retrieval (vs {round(default * 100)} %)",
-                           "holds": hi["short"] < mid["short"],
-                           "numbers": f"short R@1: 100 % {hi['short']:.3f}, "
-                                      f"{round(default * 100)} % {mid['short']:.3f}"})
-        if mid and lo and mid is not lo and mid["dense_mean"] is not None:
-            claims.append({"claim": f"0 % dense captions hurt dense-caption retrieval (vs {round(default * 100)} %)",
-                           "holds": lo["dense_mean"] < mid["dense_mean"],
-                           "numbers": f"dense R@1: 0 % {lo['dense_mean']:.3f}, "
-                                      f"{round(default * 100)} % {mid['dense_mean']:.3f}"})
+        ratio = {r["dense"]: r for r in rows if r["teacher"] == cc["teacher"]}
+        pct = round(default * 100)
+        if 1.0 in ratio and default != 1.0:
+            wanted.append((f"100 % dense captions hurt short-caption retrieval (vs {pct} %)",
+                           [(ratio[default], ratio[1.0], "short")]))
+        if 0.0 in ratio and default != 0.0:
+            wanted.append((f"0 % dense captions hurt dense-caption retrieval (vs {pct} %)",
+                           [(ratio[default], ratio[0.0], "dense")]))
+    claims = []
+    for claim, pairs in wanted:
+        comps = [c for c in (_compare(scores, a, b, kind, reps) for a, b, kind in pairs) if c is not None]
+        if not comps:
+            continue
+        v = combine([c["verdict"] for c in comps])
+        numbers = "; ".join(f"{c['a']} − {c['b']} ({c['kind']} R@1): {format_interval(c)} {c['verdict']}"
+                            for c in comps)
+        claims.append({"claim": claim, "verdict": v, "holds": v == "holds", "comparisons": comps,
+                       "numbers": numbers})
     return claims
 
 
@@ -163,11 +217,14 @@ def _plots(cfg: PipelineConfig, rows: list[dict], out: Path) -> list[str]:
     if base:
         fig, ax = plt.subplots(figsize=(7, 3.6))
         x = range(len(base))
-        ax.bar([i - 0.2 for i in x], [r["short"] or 0 for r in base], 0.4, label="short captions")
-        ax.bar([i + 0.2 for i in x], [r["dense_mean"] or 0 for r in base], 0.4, label="dense captions")
+        for off, key, label in ((-0.2, "short", "short captions"), (0.2, "dense_mean", "dense captions")):
+            ax.bar([i + off for i in x], [r[key] or 0 for r in base], 0.4, label=label, alpha=0.8)
+            for i, r in enumerate(base):  # every seed, as a dot on its bar
+                seeds = [v for v in r["per_seed"][key] if v is not None]
+                ax.plot([i + off] * len(seeds), seeds, "k.", ms=4)
         ax.set_xticks(list(x), [r["label"] for r in base], rotation=15)
         ax.set_ylabel("R@1 (mean of I2T and T2I)")
-        ax.set_title(f"Held-out scenes, {round(default * 100)} % dense in training")
+        ax.set_title(f"Held-out scenes, {round(default * 100)} % dense in training (dots: seeds)")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "teachers.png", dpi=110)
@@ -181,8 +238,11 @@ def _plots(cfg: PipelineConfig, rows: list[dict], out: Path) -> list[str]:
             continue
         rs = sorted(rs, key=lambda r: r["dense"])
         fig, ax = plt.subplots(figsize=(5, 3.4))
-        ax.plot([r["dense"] * 100 for r in rs], [r["short"] or 0 for r in rs], "o-", label="short captions")
-        ax.plot([r["dense"] * 100 for r in rs], [r["dense_mean"] or 0 for r in rs], "s-", label="dense captions")
+        for key, style, label in (("short", "o-", "short captions"), ("dense_mean", "s-", "dense captions")):
+            line, = ax.plot([r["dense"] * 100 for r in rs], [r[key] or 0 for r in rs], style, label=label)
+            for r in rs:
+                seeds = [v for v in r["per_seed"][key] if v is not None]
+                ax.plot([r["dense"] * 100] * len(seeds), seeds, ".", color=line.get_color(), ms=4, alpha=0.6)
         ax.set_xlabel("dense captions in training (%)")
         ax.set_ylabel("R@1 (mean of I2T and T2I)")
         ax.set_title(f"Dense-caption share, {cfg.teacher_label(name)}")
@@ -192,21 +252,27 @@ def _plots(cfg: PipelineConfig, rows: list[dict], out: Path) -> list[str]:
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
         files.append(fname)
+    from .plan import variant_run
+
     curves = {}
     for r in base:
-        pts = []
-        path = Path(cfg.run_dir) / "train" / r["variant"] / "metrics.jsonl"
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                row = json.loads(line)
-                if "eval" in row and "dense/i2t_R@1" in row["eval"]:
-                    pts.append((row["step"], _mean(row["eval"]["dense/i2t_R@1"], row["eval"]["dense/t2i_R@1"])))
-        if len(pts) > 1:
-            curves[r["label"]] = pts
+        for k in range(r.get("seeds", 1)):
+            pts = []
+            path = Path(cfg.run_dir) / "train" / variant_run(r["variant"], k) / "metrics.jsonl"
+            if path.is_file():
+                for line in path.read_text().splitlines():
+                    row = json.loads(line)
+                    if "eval" in row and "dense/i2t_R@1" in row["eval"]:
+                        pts.append((row["step"], _mean(row["eval"]["dense/i2t_R@1"], row["eval"]["dense/t2i_R@1"])))
+            if len(pts) > 1:
+                curves.setdefault(r["label"], []).append(pts)
     if curves:
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        for label, pts in curves.items():
-            ax.plot(*zip(*pts), "o-", label=label)
+        for label, runs in curves.items():
+            line = None
+            for pts in runs:  # one line per seed, one colour per teacher
+                line, = ax.plot(*zip(*pts), "o-", ms=3, lw=1, label=None if line else label,
+                                color=line.get_color() if line else None)
         ax.set_xlabel("stage-2 step")
         ax.set_ylabel("dense R@1 (held out)")
         ax.legend(fontsize=8)
@@ -281,7 +347,7 @@ def write_report(cfg: PipelineConfig, manifest: dict, config_source: str = "", o
     ev = manifest["stages"]["eval"]["result"]
     zs = manifest["stages"].get("zeroshot", {}).get("result") or {}
     rows = build_rows(cfg, ev, zs)
-    claims = check_claims(cfg, rows)
+    claims = check_claims(cfg, rows, heldout_scores(run_dir, ev))
     plots = _plots(cfg, rows, rep)
     trunc = _clip_truncation(cfg)
     vers = versions()
@@ -300,26 +366,45 @@ def write_report(cfg: PipelineConfig, manifest: dict, config_source: str = "", o
            f"Every variant trains the same vision tower ({cfg.stage2.model.vision.kind}, "
            f"{cfg.scenes.render_size} px) from scratch on the same {cfg.scenes.train} generated scenes for "
            f"{cfg.stage2.train.steps} steps of batch {cfg.stage2.train.batch_size}; only the text side differs. "
+           f"Each variant is trained {cfg.stage2.seeds} time(s), with seeds "
+           f"{cfg.seed}..{cfg.seed + cfg.stage2.seeds - 1} "
+           "(the tower's initialisation and the data order; seed k is the same for every variant); R@1 columns "
+           "show the mean over seeds ± their standard deviation, the other retrieval columns the mean. "
            f"Retrieval is on {cfg.scenes.val} held-out scenes (one short and one dense caption each; chance R@1 "
            f"{1 / cfg.scenes.val:.3f}). Captions: short {data.get('mean_words', {}).get('short', '?')} words on "
-           f"average, dense {data.get('mean_words', {}).get('dense', '?')}. Scene CRA: each held-out dense caption "
-           "queries the distinct short captions (pool size in brackets; many scenes share a short caption), a hit "
-           "when its own scene's short caption ranks first. CuPL CRA: every description of the held-out classes "
-           "queries all others, a hit when the first shares its class (the paper's CRA on real text). "
+           f"average, dense {data.get('mean_words', {}).get('dense', '?')}. **Encoder CRA** is the caption "
+           "retrieval accuracy of the text teacher's own embeddings (the stored vectors, before any adapter): "
+           "scenes, each held-out dense caption queries the distinct short captions (pool size in brackets; many "
+           "scenes share a short caption), a hit when its own scene's short caption ranks first; CuPL, every "
+           "description of the held-out classes queries all others, a hit when the first shares its class (the "
+           "paper's CRA on real text). It is not `llm2clip eval`'s `cupl-cra`, which scores a trained model's "
+           "text path (adapter included). "
            + _zeroshot_text(cfg, zs), "", table, ""]
     if trunc:
         md.append(f"The CLIP text tower reads {trunc['context']} tokens: {trunc['over']} of {trunc['total']} "
                   f"held-out dense captions are longer (median {trunc['median_tokens']} tokens) and are cut.")
         md.append("")
     md += _stage1_text(cfg, st1, ev)
-    md += ["## The paper's claims, checked", ""]
+    md += ["## The paper's claims, checked", "",
+           f"Each claim is decided on paired differences of held-out R@1 (mean of I2T and T2I; the same "
+           f"{cfg.scenes.val} held-out images for both sides), each with a 95 % interval from a bootstrap that "
+           f"resamples the images (shared by both sides) and each side's {cfg.stage2.seeds} seed(s). **holds**: "
+           "every interval excludes zero in the claimed direction; **reversed**: one excludes it the other way; "
+           "**not resolved**: otherwise. Numbers: difference [95 % interval].", ""]
     if claims:
         for c in claims:
-            md.append(f"- {'**holds**' if c['holds'] else '**does not hold**'}: {c['claim']} ({c['numbers']})")
+            md.append(f"- **{c['verdict']}**: {c['claim']}")
+            md += [f"  - {x['a']} − {x['b']}, {x['kind']} R@1: {x['diff']:+.3f} [{x['low']:+.3f}, {x['high']:+.3f}]"
+                   f" ({x['verdict']})" for x in c["comparisons"]]
     else:
         md.append("- (this run's variants do not allow the comparisons)")
-    md += ["", "Differences of a few hundredths are within the noise of a few hundred held-out images and one seed.",
-           ""]
+    if cfg.stage2.seeds == 1:
+        md.append("\nWith one seed the intervals cover the held-out images only, not the training noise, which "
+                  "can be as large: use stage2.seeds >= 3.")
+    elif cfg.stage2.seeds == 2:
+        md.append("\nWith two seeds the training-noise part of each interval rests on two runs a side: use "
+                  "stage2.seeds >= 3.")
+    md.append("")
     for p in plots:
         md += [f"![{p}]({p})", ""]
     md += ["## Timings per stage", "", "| stage | seconds |", "|---|---:|"]
@@ -334,6 +419,6 @@ def write_report(cfg: PipelineConfig, manifest: dict, config_source: str = "", o
     write_json_atomic(rep / "results.json", result)
     print("\n" + table + "\n", file=out)
     for c in claims:
-        print(f"  {'holds' if c['holds'] else 'does not hold'}: {c['claim']}", file=out)
+        print(f"  {c['verdict']}: {c['claim']}", file=out)
     print(f"\nreport: {rep / 'report.md'}", file=out, flush=True)
     return result

@@ -184,14 +184,15 @@ def dense_to_short(emb: torch.Tensor, ids: list[str], texts: list[str], ks) -> d
     return paired_caption_retrieval(emb[dense], emb[short], [texts[k] for k in short], ks)
 
 
-def run_eval(run_dir: str, scenes: dict, teachers: dict, variants: list[str], cupl: dict, ks: list[int],
-             threads: int | None) -> dict:
+def run_eval(run_dir: str, scenes: dict, teachers: dict, variants: dict[str, list[str]], cupl: dict,
+             ks: list[int], threads: int | None) -> dict:
     """CRA of every teacher on the held-out scenes (each caption's positive: the other caption of
     its scene) and on held-out CuPL classes; the retrieval of each variant comes from its training
     run's final held-out evaluation.
 
     ``teachers``: name -> {"kind": "store", "store": DIR, "encoder": config dict} or
-    {"kind": "clip", "model": DIR}; ``variants``: names whose train results the run manifest holds.
+    {"kind": "clip", "model": DIR}; ``variants``: variant -> its runs (one per seed), whose train results
+    the run manifest holds; the report reads each run's per-query ranks from its folder.
     """
     import numpy as np
 
@@ -213,7 +214,9 @@ def run_eval(run_dir: str, scenes: dict, teachers: dict, variants: list[str], cu
     from .runner import PIPELINE_MANIFEST
 
     recorded = json.loads((Path(run_dir) / PIPELINE_MANIFEST).read_text())["stages"]
-    out: dict = {"teachers": {}, "variants": {v: recorded[f"train/{v}"]["result"] for v in variants}}
+    out: dict = {"teachers": {},
+                 "variants": {v: [recorded[f"train/{r}"]["result"] for r in runs] for v, runs in variants.items()},
+                 "runs": variants}
     for name, t in teachers.items():
         if t["kind"] == "clip":
             model = load(t["model"], device="cpu")  # the package's one loader, on the CPU as before

@@ -48,6 +48,8 @@ from .distributed import DistInfo, barrier, init_distributed
 from .evaluate import evaluate_retrieval
 from .fsdp import gather_full_state, reduce_replicated_grads
 
+HELDOUT_RANKS = "heldout_ranks.json"  # every held-out query's rank at the final step
+
 log = logging.getLogger(__name__)
 
 
@@ -297,8 +299,13 @@ class Stage2Trainer:
         if self.val_set is None or not ((T.eval_every and self.step % T.eval_every == 0) or self.step == T.steps):
             return
         if di.main or self.fsdp:  # FSDP: every rank takes part in the forward passes
+            final = self.step == T.steps
+            ranks: dict | None = {} if final else None
             ev = evaluate_retrieval(self.net, *self.val_set, di.device, T.eval_k, T.eval_batch_size,
-                                    _autocast(di.device, T.precision) if T.precision != "fp32" else None)
+                                    _autocast(di.device, T.precision) if T.precision != "fp32" else None, ranks)
+            if final and di.main:  # every query's rank: models compared on the same images, query by query
+                write_json_atomic(self.run_dir / HELDOUT_RANKS, {"step": self.step, "n": ev["n"], "ranks": ranks},
+                                  indent=None)
             self.metrics.write({"step": self.step, "eval": ev})
             self.last = {**self.last, "eval": ev}
             if di.main:
