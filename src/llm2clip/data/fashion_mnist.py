@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,21 @@ from PIL import Image
 from ..errors import InputError
 from .images import Caption, Record
 
-DEFAULT_DIR = Path(os.environ.get("LLM2CLIP_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+def _default_dir() -> Path:
+    """$LLM2CLIP_FASHION_MNIST, else the Debian package's folder, else the copy scripts/setup.sh unpacks into the
+    environment (share/datasets/fashion-mnist) when it cannot install the package as root."""
+    if os.environ.get("LLM2CLIP_FASHION_MNIST"):
+        return Path(os.environ["LLM2CLIP_FASHION_MNIST"])
+    system = Path("/usr/share/datasets/fashion-mnist")
+    local = Path(sys.prefix) / "share" / "datasets" / "fashion-mnist"
+    return local if not (system / FILES["test"][0]).is_file() and (local / FILES["test"][0]).is_file() else system
+
+
+DEFAULT_DIR = _default_dir()
 CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 # Fashion-MNIST class -> CuPL (ImageNet) class names whose descriptions stand in for dense captions.
 CUPL_CLASSES = {"T-shirt/top": ["T-shirt"], "trouser": ["jeans"], "pullover": ["sweatshirt"], "dress": ["gown"],

@@ -40,9 +40,10 @@ CHECKPOINT: a saved LLM2CLIP model folder (run_dir/model), or open_clip:NAME[:PR
 open_clip model scored through its own text tower (random weights, seed 0, without PRETRAINED).
 
 Benchmarks: NAME for the built-in sets (scenes-short, scenes-dense: 500 held-out generated scenes;
-fashion-mnist: zero-shot on the Debian package's test split, skipped when absent; cupl-cra: CRA on
-200 held-out CuPL classes x 5), NAME=DIR for a local copy of flickr30k, coco, sharegpt4v, urban1k,
-docci, flickr30k-cn, coco-cn or imagenet. Default: the built-in sets.
+fashion-mnist: zero-shot on the Debian package's test split, skipped when absent; cupl-cra: model CRA
+on 200 held-out CuPL classes x 5, the captions through the model's text path, adapter included, unlike
+the run report's encoder CRA of the stored caption embeddings), NAME=DIR for a local copy of flickr30k,
+coco, sharegpt4v, urban1k, docci, flickr30k-cn, coco-cn or imagenet. Default: the built-in sets.
 
 The caption encoder of an LLM2CLIP model (raw captions -> embeddings for the adapter) comes from
 --caption-encoder, else the model's manifest, else the run config beside run_dir/model (its encoder,

@@ -65,7 +65,7 @@ def load_runs(paths: Sequence[str | Path]) -> list[dict]:
 DISPLAY = {"flickr30k": "Flickr30k", "coco": "COCO", "sharegpt4v": "ShareGPT4V", "urban1k": "Urban-1k",
            "docci": "DOCCI", "flickr30k-cn": "Flickr30k-CN", "coco-cn": "COCO-CN", "imagenet": "ImageNet",
            "scenes-short": "Scenes short", "scenes-dense": "Scenes dense", "fashion-mnist": "Fashion-MNIST",
-           "cupl-cra": "CuPL CRA"}
+           "cupl-cra": "model CRA: CuPL"}  # through the model's text path, adapter included (not the encoder's own)
 
 
 def _benchmarks(runs: Sequence[dict]) -> list[tuple[str, str]]:
