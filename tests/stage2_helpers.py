@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import torch
 
@@ -194,4 +195,22 @@ def fit_worker_resumable(rank: int, world: int, port: int, cfg_dict: dict, resum
 
         traceback.print_exc()
         os._exit(1)
+    _finish()
+
+
+def rng_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Each rank seeds its own generators, the states of all ranks go into one checkpoint file (rank 0
+    writes it), then each rank draws, restores its own state from the file and draws again."""
+    from llm2clip.checkpointing import all_rng_states, restore_rng
+
+    _init(rank, world, port)
+    torch.manual_seed(100 + rank)
+    states = all_rng_states()
+    path = Path(out_dir) / "rng.pt"
+    if rank == 0:
+        torch.save({"rng": states}, path)
+    torch.distributed.barrier()
+    first = torch.rand(4)
+    restore_rng(torch.load(path, weights_only=True)["rng"], rank, world)
+    torch.save({"first": first, "again": torch.rand(4)}, Path(out_dir) / f"draw{rank}.pt")
     _finish()

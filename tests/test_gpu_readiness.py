@@ -6,6 +6,7 @@ with the model's outputs on ``meta`` and the batcher's index tensors on the CPU,
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from llm2clip.finetune import contrastive, mntp
@@ -97,3 +98,62 @@ def test_hf_vision_tower_loads_fp32_master_weights(tmp_path):
     tf.CLIPVisionModel(cfg).to(torch.bfloat16).save_pretrained(tmp_path)  # a checkpoint stored in bf16
     tower = build_vision_tower(HFVisionConfig(kind="hf_clip", path=str(tmp_path)))
     assert {p.dtype for p in tower.parameters()} == {torch.float32}
+
+
+def test_each_rank_resumes_with_its_own_generator_states(tmp_path):
+    import torch.multiprocessing as mp
+    from stage2_helpers import free_port, rng_worker
+
+    mp.spawn(rng_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    d0, d1 = (torch.load(tmp_path / f"draw{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(d0["first"], d0["again"]) and torch.equal(d1["first"], d1["again"])
+    assert not torch.equal(d0["first"], d1["first"])  # rank 1 did not get rank 0's stream
+
+
+def test_fewer_saved_ranks_give_new_ranks_distinct_streams(caplog):
+    from llm2clip.checkpointing import restore_rng, rng_state
+
+    torch.manual_seed(5)
+    saved = [rng_state()]
+    draws = []
+    for rank in (0, 1, 2):
+        restore_rng(saved, rank, world=3)
+        draws.append(torch.rand(3))
+    assert "holds the generator states of 1 rank(s), this run has 3" in caplog.text
+    assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[2], draws[1])
+    torch.manual_seed(5)
+    assert torch.equal(draws[0], torch.rand(3))
+
+
+def test_a_failing_rank_prints_its_error_and_exits_without_waiting(monkeypatch, tmp_path, capsys):
+    # a barrier after a failure hangs until the timeout when the other ranks are still training; each
+    # rank must print its traceback and leave at once (torchrun then stops the others)
+    import argparse
+
+    from llm2clip.train import cli, distributed, loop
+
+    calls = []
+
+    def boom(*a, **k):
+        raise RuntimeError("out of memory on this rank")
+
+    class Exit(Exception):
+        pass
+
+    def fake_exit(code):
+        calls.append(("exit", code))
+        raise Exit
+
+    monkeypatch.setattr(loop, "fit", boom)
+    monkeypatch.setattr(distributed, "init_distributed", lambda device: distributed.DistInfo(rank=1, world=2))
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: calls.append(("barrier",)))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("run_dir: out\nmodel: {vision: {kind: small_vit, image_size: 16, patch_size: 4, width: 32, "
+                   "layers: 1, heads: 2}, text: {kind: adapter, depth: 1}}\n"
+                   "data: {train: {kind: scenes, count: 8}, features: {store: none}}\n")
+    args = argparse.Namespace(config=cfg, run_dir=None, steps=None, device=None, resume="latest", no_progress=True)
+    with pytest.raises(Exit):
+        cli.run_train(args)
+    assert calls == [("exit", 1)]  # no barrier before leaving
+    assert "out of memory on this rank" in capsys.readouterr().err

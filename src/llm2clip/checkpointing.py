@@ -12,6 +12,7 @@ stored as tensors and ints for that reason.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import random
@@ -27,6 +28,8 @@ from .errors import ConfigError, InputError
 from .fileio import fsync_dir, write_atomic
 
 STATE_FILE = "train_state.pt"
+log = logging.getLogger(__name__)
+
 FORMAT = "llm2clip-train-state"
 VERSION = 1
 _NAME = re.compile(r"step_(\d{8,})")
@@ -44,8 +47,8 @@ def rng_state() -> dict:
                    "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
          "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
                     "gauss_next": gauss_next}}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        s["cuda"] = torch.cuda.get_rng_state()  # this process's GPU only: each rank saves its own
     return s
 
 
@@ -57,7 +60,35 @@ def set_rng_state(s: dict) -> None:
     p = s["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
     if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def all_rng_states() -> list[dict]:
+    """Every rank's generator states, rank by rank (a collective in a distributed run; call it on all ranks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [rng_state()]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, rng_state())  # in-process transport only; the file holds tensors and ints
+    return out
+
+
+def restore_rng(saved, rank: int = 0, world: int = 1) -> None:
+    """Give rank ``rank`` its own saved generator states. A checkpoint of fewer ranks than this run has no
+    state for the new ranks: they start from rank 0's, reseeded by rank, so no two ranks share a stream."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) != world:
+        log.warning("the checkpoint holds the generator states of %d rank(s), this run has %d: dropout and "
+                    "augmentation draws differ from an uninterrupted run", len(states), world)
+    if rank < len(states):
+        set_rng_state(states[rank])
+        return
+    set_rng_state(states[0])
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) + rank
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 # ------------------------------------------------------------------------------------ discovery

@@ -224,7 +224,7 @@ class Stage1Trainer:
         info = self.contrastive_step() if self.cfg.objective == "contrastive" else self.mntp_step()
         self._sync_grads()
         if self.world > 1:  # log the global-batch loss and token count, not this rank's share
-            t = torch.tensor([info["loss"], info["tokens"]], dtype=torch.float64)
+            t = torch.tensor([info["loss"], info["tokens"]], dtype=torch.float64, device=self.encoder.device)  # NCCL
             dist.all_reduce(t)
             info["loss"], info["tokens"] = t[0].item() / self.world, int(t[1].item())
         if self.cfg.optim.grad_clip:
@@ -261,21 +261,22 @@ class Stage1Trainer:
         return res
 
     # ----------------------------------------------------------------------- checkpoints
-    def state(self) -> dict:
+    def state(self, rng: list[dict] | None = None) -> dict:
         """Tensors and plain data only, so that loading needs no pickle (weights_only)."""
         return {
             "lora": {n: p.detach().cpu() for n, p in self.peft.named_parameters() if p.requires_grad},
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
-            "rng": checkpointing.rng_state(),
+            "rng": rng if rng is not None else [checkpointing.rng_state()],
             "config": self.cfg.model_dump(mode="json"),
             "train_s": self.train_s(),
         }
 
     def save_checkpoint(self) -> None:
+        rng = checkpointing.all_rng_states()  # collective: each rank resumes with its own generators
         if self.rank != 0:
             return
-        checkpointing.write_checkpoint(self.ckpt_dir, self.step, self.state(), STAGE, keep=KEEP_CHECKPOINTS)
+        checkpointing.write_checkpoint(self.ckpt_dir, self.step, self.state(rng), STAGE, keep=KEEP_CHECKPOINTS)
 
     def latest_checkpoint(self) -> Path | None:
         return checkpointing.latest_checkpoint(self.ckpt_dir)
@@ -289,7 +290,7 @@ class Stage1Trainer:
                 named[n].copy_(t)
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
-        checkpointing.set_rng_state(st["rng"])
+        checkpointing.restore_rng(st["rng"], self.rank, self.world)
         self.step = int(st["step"])
         self._train_s_before = float(st.get("train_s", 0.0))
 

@@ -11,7 +11,17 @@ from pathlib import Path
 
 import torch
 
-from ..checkpointing import STATE_FILE, clear, latest_checkpoint, load_state, rng_state, set_rng_state, write_checkpoint
+from ..checkpointing import (
+    STATE_FILE,
+    all_rng_states,
+    clear,
+    latest_checkpoint,
+    load_state,
+    restore_rng,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
 from ..checkpointing import list_checkpoints as _list
 from ..errors import ConfigError
 from ..fileio import write_json_atomic
@@ -19,7 +29,7 @@ from ..fileio import write_json_atomic
 STAGE = "stage2"
 __all__ = ["STATE_FILE", "checkpoint_dir", "clear_checkpoints", "list_checkpoints", "load_train_state",
            "load_weights_and_optimizer", "resolve_resume", "rng_state", "save_checkpoint", "save_model",
-           "set_rng_state"]
+           "set_rng_state", "all_rng_states", "restore_rng"]
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -42,11 +52,13 @@ def save_model(model, path: str | Path, state_dict: dict | None = None) -> Path:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, scaler, data_state: dict,
-                    config: dict, keep: int = 2, full_state: tuple[dict, dict] | None = None) -> Path:
-    """``full_state``: (model, optimizer) state gathered from a sharded model (train.fsdp.gather_full_state)."""
+                    config: dict, keep: int = 2, full_state: tuple[dict, dict] | None = None,
+                    rng: list[dict] | None = None) -> Path:
+    """``full_state``: (model, optimizer) state gathered from a sharded model (train.fsdp.gather_full_state);
+    ``rng``: every rank's generator states (``all_rng_states``, gathered on all ranks), else this process's."""
     state = {"optimizer": full_state[1] if full_state else optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-             "data": data_state, "rng": rng_state(), "config": config}
+             "data": data_state, "rng": rng if rng is not None else [rng_state()], "config": config}
     return write_checkpoint(checkpoint_dir(run_dir), step, state, STAGE,
                             lambda tmp: save_model(model, tmp, full_state[0] if full_state else None), keep)
 

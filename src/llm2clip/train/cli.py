@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import textwrap
+import traceback
 from pathlib import Path
 
 EPILOG = """\
@@ -73,14 +76,20 @@ def run_train(args) -> int:
     if args.device:
         cfg.train.device = args.device
     di = init_distributed(cfg.train.device)
-    code = 1
     try:
         last = fit(cfg, resume=args.resume, progress=False if args.no_progress else None, dist_info=di)
-        if di.main:
-            print(json.dumps(last, indent=2))
-            print(f"model: {Path(cfg.run_dir) / 'model'}")
-        code = 0
-    finally:
-        if di.world > 1:  # docs/ASSETS.md: barrier + destroy + os._exit, or gloo may abort at exit
-            finish_and_exit(code)
-    return code
+    except BaseException:
+        if di.world > 1:
+            # Say why on every rank, then leave at once: a barrier here would wait for ranks still training
+            # until the process-group timeout; torchrun stops the others when one exits non-zero.
+            print(f"[rank {di.rank}] stage 2 failed:", file=sys.stderr)
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+        raise
+    if di.main:
+        print(json.dumps(last, indent=2))
+        print(f"model: {Path(cfg.run_dir) / 'model'}")
+    if di.world > 1:  # docs/ASSETS.md: barrier + destroy + os._exit, or gloo may abort at exit
+        finish_and_exit(0)
+    return 0

@@ -35,13 +35,14 @@ from ..losses import build_loss
 from ..model import LLM2CLIP, caption_encoder_record, check_identity
 from ..vision import build_transform
 from .checkpoint import (
+    all_rng_states,
     clear_checkpoints,
     load_train_state,
     load_weights_and_optimizer,
     resolve_resume,
+    restore_rng,
     save_checkpoint,
     save_model,
-    set_rng_state,
 )
 from .config import FashionMnistSource, ManifestSource, RunConfig, ScenesSource, WebDatasetSource
 from .distributed import DistInfo, barrier, init_distributed
@@ -226,7 +227,7 @@ class Stage2Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        restore_rng(state["rng"], self.di.rank, self.di.world)
         self.step, self.data_state = int(state["step"]), dict(state["data"])
         if self.di.main:
             log.info("resumed from %s at step %d", ckpt, self.step)
@@ -319,9 +320,10 @@ class Stage2Trainer:
         if self.streamed:
             sync_positions(self.data_state)  # collective: every rank's shard position
         self.full = gather_full_state(self.net, self.optimizer) if self.fsdp else None  # collective
+        rng = all_rng_states()  # collective: each rank resumes with its own generators
         if self.di.main:
             save_checkpoint(self.run_dir, self.step, self.net, self.optimizer, self.scheduler, self.scaler,
-                            self.data_state, self.cfg.model_dump(mode="json"), T.keep_checkpoints, self.full)
+                            self.data_state, self.cfg.model_dump(mode="json"), T.keep_checkpoints, self.full, rng)
         if self.step < T.steps:
             self.full = None  # rank 0's CPU holds the gathered state only for the final model/
         barrier()
