@@ -13,7 +13,7 @@ from llm2clip.cli import main
 from llm2clip.errors import ConfigError
 from llm2clip.pipeline import build_stages, load_pipeline_config, preset_path, run_pipeline
 from llm2clip.pipeline import stages as S
-from llm2clip.pipeline.plan import variant_run
+from llm2clip.pipeline.config import variant_run
 from llm2clip.pipeline.runner import PIPELINE_MANIFEST
 
 

@@ -57,6 +57,11 @@ class Variant(StrictModel):
         return f"{self.teacher}-dense{round(self.dense * 100)}"
 
 
+def variant_run(variant: str, k: int) -> str:
+    """The stage-2 run of ``variant`` with its k-th seed (stage ``train/<this>``, folder ``train/<this>``)."""
+    return f"{variant}/s{k}"
+
+
 class ScenesSettings(StrictModel):
     """The generated scenes (llm2clip.data.scenes): training images and held-out images."""
 

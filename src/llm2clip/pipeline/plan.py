@@ -9,7 +9,7 @@ from ..config import load_config
 from ..errors import ConfigError
 from ..model import AdapterConfig
 from . import stages as S
-from .config import ClipTeacher, LLMTeacher, PipelineConfig
+from .config import ClipTeacher, LLMTeacher, PipelineConfig, variant_run
 from .runner import Runner, Stage
 
 PRESETS = ("quickstart", "smoke")
@@ -56,9 +56,10 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
     teachers = cfg.used_teachers()
     n_captions = 2 * (cfg.scenes.train + cfg.scenes.val)
     workers = min(cfg.parallel, len(cfg.variants) + len(fm_teachers))
-    # with workers, the fine-tuned teachers' stage-1 runs share the pool, one thread each (two side by side take
-    # little longer than one alone on both threads); the embedding stages run one at a time on `threads` (two side
-    # by side at one thread each were not faster: 3:16 for two, 1:50 for one alone, measured on 2 cores)
+    # with workers, the stage-1 runs, the embedding stages and the stage-2 runs share one pool, one thread each,
+    # each started once its inputs exist: two embeddings side by side at one thread each took 3:16 against 1:50
+    # for one alone on both threads (2 cores), and in the pool a stage-2 run that needs no embedding (the CLIP
+    # teacher) fills a core while the embeddings run
     pooled, threads = (True, 1) if workers > 1 else (False, cfg.threads)
 
     for name in cfg.finetuned_teachers():  # stage 1 of each fine-tuned teacher (its own attention)
@@ -93,19 +94,24 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
             kind, deps = enc["kind"], ["data"]
         ec = {"encoder": enc, "captions": [{"path": str((run_dir / "data" / "captions.jsonl").absolute())}],
               "out": str((run_dir / "embed" / name).absolute()), "dtype": cfg.embed_dtype, "shard_size": 4096}
-        stages.append(Stage(f"embed/{name}", {"config": ec}, S.run_embed, (ec, cfg.threads), deps=deps,
-                            estimate_s=n_captions * _EST_CAPTION_S.get(kind, 0.01)))
+        stages.append(Stage(f"embed/{name}", {"config": ec}, S.run_embed, (ec, threads, not pooled), deps=deps,
+                            estimate_s=n_captions * _EST_CAPTION_S.get(kind, 0.01) * (2 if pooled else 1),
+                            pooled=pooled))
         embed_names.append(name)
 
     scene_kw = {"seed": cfg.scenes.seed, "min_objects": cfg.scenes.min_objects,
                 "max_objects": cfg.scenes.max_objects, "render_size": cfg.scenes.render_size}
-    for k in range(cfg.stage2.seeds):  # seed-major: a partial run has every variant at its first seeds
-        for v in cfg.variants:
-            data = {"train": {"kind": "scenes", "count": cfg.scenes.train, "offset": 0, **scene_kw},
-                    "val": {"kind": "scenes", "count": cfg.scenes.val, "offset": cfg.scenes.val_offset, **scene_kw},
-                    "val_max": cfg.scenes.val, "caption_kinds": {"short": round(1 - v.dense, 6), "dense": v.dense}}
-            stages.append(_train_stage(cfg, variant_run(v.name, k), v.teacher, data, cfg.stage2.train.steps,
-                                       workers, seed=cfg.seed + k))
+    # the CLIP teacher's runs first, the longest (its own text transformer), so that none is left to run alone
+    # at the end; then seed-major, so a partial run has every variant at its first seeds
+    is_clip = [v for v in cfg.variants if isinstance(cfg.teachers[v.teacher], ClipTeacher)]
+    runs = [(v, k) for k in range(cfg.stage2.seeds) for v in is_clip]
+    runs += [(v, k) for k in range(cfg.stage2.seeds) for v in cfg.variants if v not in is_clip]
+    for v, k in runs:
+        data = {"train": {"kind": "scenes", "count": cfg.scenes.train, "offset": 0, **scene_kw},
+                "val": {"kind": "scenes", "count": cfg.scenes.val, "offset": cfg.scenes.val_offset, **scene_kw},
+                "val_max": cfg.scenes.val, "caption_kinds": {"short": round(1 - v.dense, 6), "dense": v.dense}}
+        stages.append(_train_stage(cfg, variant_run(v.name, k), v.teacher, data, cfg.stage2.train.steps,
+                                   workers, seed=cfg.seed + k))
     fm = cfg.fashion_mnist
     for t in fm_teachers:  # the same text sides on real photos, for zero-shot classification
         data = {"train": {"kind": "fashion_mnist", "split": "train", "count": fm.train, "per_class": fm.per_class,
@@ -119,11 +125,6 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
                             estimate_s=5 * len(fm_teachers)))
     stages.append(_eval_stage(cfg, [s.name for s in stages]))
     return stages
-
-
-def variant_run(variant: str, k: int) -> str:
-    """The stage-2 run of ``variant`` with its k-th seed (stage ``train/<this>``, folder ``train/<this>``)."""
-    return f"{variant}/s{k}"
 
 
 def _train_stage(cfg: PipelineConfig, name: str, teacher: str, data: dict, steps: int, workers: int,

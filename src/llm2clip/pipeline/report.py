@@ -14,7 +14,7 @@ import yaml
 
 from ..fileio import markdown_table as _table
 from ..fileio import write_json_atomic
-from .config import ClipTeacher, LLMTeacher, PipelineConfig
+from .config import ClipTeacher, LLMTeacher, PipelineConfig, variant_run
 from .runner import fmt_duration
 
 PACKAGES = ("llm2clip", "torch", "torchvision", "transformers", "peft", "open_clip_torch", "timm", "numpy",
@@ -252,8 +252,6 @@ def _plots(cfg: PipelineConfig, rows: list[dict], out: Path) -> list[str]:
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
         files.append(fname)
-    from .plan import variant_run
-
     curves = {}
     for r in base:
         for k in range(r.get("seeds", 1)):
