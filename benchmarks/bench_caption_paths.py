@@ -1,0 +1,160 @@
+"""Caption-encoder fast paths against fp32: captions/s and fidelity, with the plain loops as baselines.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_caption_paths.py [--threads 1] [--rounds 3] [--out FILE]
+
+SmolLM2-135M-Instruct (the `smollm2` preset, causal, mean pooling). Two workloads: "mixed" (CuPL descriptions
+and scene dense captions, about 15 to 190 tokens) and "short" (scene short captions, about 10 tokens). Every
+case runs once per round, the cases interleaved, and each is reported as the median over rounds of its
+captions/s and of its ratio to the batched bf16 transformers loop in the same round. Fidelity: minimum and
+mean cosine of each caption's embedding to the fp32 one (exact-length batching), on CuPL and on dense
+captions; CRA: held-out CuPL, 200 classes x 5 (pool 1,000), R@1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llm2clip.data.captions import cupl_caption_set
+from llm2clip.data.scenes import make_scene
+from llm2clip.eval.cra import caption_retrieval_accuracy
+from llm2clip.fileio import markdown_table
+from llm2clip.text import build_text_encoder
+from llm2clip.text.specs import parse_encoder_spec
+
+SPEC = "smollm2:bidirectional=false"
+
+
+def plain_loop(enc, dtype: torch.dtype, batch: int = 32):
+    """A length-sorted padded batch loop over the bare transformers model (the shape of LLM2Vec's encode):
+    its own tokenizer call with padding, the model in ``dtype``, mean pooling over the attention mask."""
+    model = copy.deepcopy(enc.model).to(dtype)
+    tok = enc.tokenizer
+    tok.padding_side = "right"
+
+    @torch.inference_mode()
+    def run(caps):
+        order = sorted(range(len(caps)), key=lambda i: -len(caps[i]))
+        out = torch.empty(len(caps), enc.dim)
+        for s in range(0, len(order), batch):
+            idx = order[s : s + batch]
+            t = tok([caps[i] for i in idx], return_tensors="pt", padding=True)
+            h = model(**t).last_hidden_state.float()
+            m = t["attention_mask"][..., None].float()
+            out[idx] = (h * m).sum(1) / m.sum(1)
+        return out
+
+    return run
+
+
+def ours(enc, batching: str, autocast: bool = False):
+    def run(caps):
+        enc.config.batching = batching
+        if autocast:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return enc.encode(caps, progress=False)
+        return enc.encode(caps, progress=False)
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--mixed", type=int, default=192, help="captions in the mixed workload")
+    ap.add_argument("--short", type=int, default=192, help="captions in the short workload")
+    ap.add_argument("--cra", action="store_true", help="also held-out CuPL CRA per precision (slow)")
+    ap.add_argument("--int8", action="store_true", help="also int8 dynamic quantization of the linear layers")
+    ap.add_argument("--out", type=Path, help="write the Markdown tables here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cupl = cupl_caption_set("train", None, 1).captions
+    dense = [make_scene(0, i).dense_caption() for i in range(args.mixed // 3)]
+    workloads = {"mixed": cupl[: args.mixed - len(dense)] + dense,
+                 "short": [make_scene(0, i).short_caption() for i in range(args.short)]}
+
+    f32 = build_text_encoder(parse_encoder_spec(SPEC + ",dtype=float32"))
+    b16 = build_text_encoder(parse_encoder_spec(SPEC + ",dtype=bfloat16"))
+    cases = {
+        "one caption at a time, fp32": None,
+        "transformers loop, batches of 32, fp32": plain_loop(f32, torch.float32),
+        "transformers loop, batches of 32, bf16": plain_loop(f32, torch.bfloat16),
+        "ours fp32, exact-length": ours(f32, "exact"),
+        "ours fp32, packed": ours(f32, "packed"),
+        "ours bf16, exact-length": ours(b16, "exact"),
+        "ours bf16, padded": ours(b16, "padded"),
+        "ours bf16, packed": ours(b16, "packed"),
+        "ours bf16 matmuls, fp32 weights and residual (autocast)": ours(f32, "exact", autocast=True),
+    }
+    if args.int8:
+        q = copy.deepcopy(f32)
+        q.model = torch.ao.quantization.quantize_dynamic(q.model, {torch.nn.Linear}, dtype=torch.qint8)
+        cases["ours int8 dynamic linears, fp32 activations"] = ours(q, "exact")
+    base = "transformers loop, batches of 32, bf16"
+    single = ours(f32, "exact")
+    one_at_a_time_n = 24
+
+    for fn in cases.values():  # warm-up: first calls pay for lazy initialisation
+        (fn or single)(workloads["mixed"][:4])
+    rates = {w: {c: [] for c in cases} for w in workloads}
+    for r in range(args.rounds):
+        for w, caps in workloads.items():
+            for name, fn in cases.items():
+                # one at a time is slow: an evenly spaced subset, so that it has the workload's mix of lengths
+                sub = caps[:: max(1, len(caps) // one_at_a_time_n)] if fn is None else caps
+                t0 = time.perf_counter()
+                if fn is None:
+                    for c in sub:
+                        single([c])
+                else:
+                    fn(sub)
+                rates[w][name].append(len(sub) / (time.perf_counter() - t0))
+        print(f"round {r + 1}/{args.rounds} done, load {os.getloadavg()[0]:.1f}", flush=True)
+
+    parts = [f"## Caption-encoder paths, SmolLM2-135M-Instruct, {args.threads} thread(s), median of {args.rounds} "
+             f"interleaved rounds (load at the end {os.getloadavg()[0]:.1f})\n"]
+    for w in workloads:
+        rows = []
+        for name in cases:
+            ratio = statistics.median(a / b for a, b in zip(rates[w][name], rates[w][base]))
+            rows.append([name, f"{statistics.median(rates[w][name]):.1f}", f"{ratio:.2f}x"])
+        parts.append(f"Workload {w} ({len(workloads[w])} captions):\n\n"
+                     + markdown_table(["path", "captions/s", "vs transformers bf16 loop"], rows, "lrr"))
+
+    ref = {k: ours(f32, "exact")(v) for k, v in (("cupl", cupl[:256]), ("dense", dense))}
+    fid_rows = []
+    for name, fn in cases.items():
+        if fn is None or name.startswith("transformers"):
+            continue
+        cells = [name]
+        for k, v in (("cupl", cupl[:256]), ("dense", dense)):
+            cos = F.cosine_similarity(fn(v), ref[k])
+            cells += [f"{cos.min().item():.4f}", f"{cos.mean().item():.4f}"]
+        fid_rows.append(cells)
+    parts.append("Fidelity to fp32 (cosine of each caption's embedding):\n\n" + markdown_table(
+        ["path", "CuPL min", "CuPL mean", "dense min", "dense mean"], fid_rows, "lrrrr"))
+    if args.cra:
+        held = cupl_caption_set("heldout", 200, 5, False)
+        cra_rows = []
+        for name in ("ours fp32, exact-length", "ours bf16, exact-length",
+                     "ours bf16 matmuls, fp32 weights and residual (autocast)"):
+            emb = cases[name](held.captions)
+            cra_rows.append([name, f"{caption_retrieval_accuracy(emb, held.groups, [1])['R@1']:.3f}"])
+        parts.append("Held-out CuPL CRA (200 x 5, pool 1,000):\n\n" + markdown_table(["path", "R@1"], cra_rows, "lr"))
+    report = "\n\n".join(parts) + "\n"
+    print(report)
+    if args.out:
+        args.out.write_text(report)
+
+
+if __name__ == "__main__":
+    main()
