@@ -69,6 +69,7 @@ SETTINGS = {
     "p8, 175 steps, lr 2e-3, warmup 15": ({"patch_size": 8}, 175, 2e-3, 15),
     "p8 w96, 350 steps, lr 1e-3, warmup 30": ({"patch_size": 8, "width": 96}, 350, 1e-3, 30),
     "p8, 250 steps, lr 1e-3, warmup 20": ({"patch_size": 8}, 250, 1e-3, 20),
+    "p4 w96, 350 steps, lr 1e-3, warmup 30": ({"width": 96}, 350, 1e-3, 30),
 }
 
 
