@@ -32,7 +32,7 @@ def test_discovery_takes_the_newest_complete_checkpoint_and_prunes(tmp_path):
     assert [p.name for p in C.list_checkpoints(tmp_path)] == ["step_00000010", "step_00000020"]
     assert (tmp_path / "step_00000020" / "extra.bin").read_bytes() == b"x"
     (tmp_path / "step_00000030").mkdir()  # killed before its state file: not a checkpoint
-    (tmp_path / ".tmp_step_00000040").mkdir()  # a killed writer's temp folder
+    (tmp_path / ".step_00000040.tmp-123").mkdir()  # a killed writer's temp folder
     assert C.latest_checkpoint(tmp_path).name == "step_00000020"
     for step in (99_999_999, 100_000_000):  # past 8 digits: by number, not by name
         C.write_checkpoint(tmp_path, step, {}, "stage2")

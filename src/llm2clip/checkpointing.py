@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, InputError
-from .fileio import fsync_dir, write_atomic
+from .fileio import building_dir, fsync_dir, remove_temp_files, write_atomic
 
 STATE_FILE = "train_state.pt"
 log = logging.getLogger(__name__)
@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 FORMAT = "llm2clip-train-state"
 VERSION = 1
 _NAME = re.compile(r"step_(\d{8,})")
-_TMP = ".tmp_step_"
-_OLD = ".old_step_"
 
 
 # ------------------------------------------------------------------------------------------- rng
@@ -124,8 +122,7 @@ def prune(root: str | Path, keep: int) -> None:
     root = Path(root)
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    for p in root.glob(f"{_OLD}*"):
-        shutil.rmtree(p, ignore_errors=True)
+    remove_temp_files(root)
 
 
 def clear(root: str | Path) -> int:
@@ -133,11 +130,12 @@ def clear(root: str | Path) -> int:
     root = Path(root)
     if not root.is_dir():
         return 0
+    remove_temp_files(root)
     n = 0
     for p in root.iterdir():
-        if p.is_dir() and (step_of(p) is not None or p.name.startswith((_TMP, _OLD))):
+        if p.is_dir() and step_of(p) is not None:
             shutil.rmtree(p, ignore_errors=True)
-            n += step_of(p) is not None
+            n += 1
     return n
 
 
@@ -156,27 +154,15 @@ def write_checkpoint(root: str | Path, step: int, state: dict, stage: str,
 
     ``keep``: prune to that many checkpoints afterwards (None: keep all).
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final, tmp = step_dir(root, step), root / f"{_TMP}{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    if write_files is not None:
-        write_files(tmp)
-    _fsync_files(tmp)
-    # the state goes last: a folder is complete once its state file is there
+    final = step_dir(root, step)
     full = {"format": FORMAT, "version": VERSION, "stage": stage, "step": int(step), **state}
-    write_atomic(tmp / STATE_FILE, lambda f: torch.save(full, f))
-    if final.exists():  # the same step again (a finished run saved once more): swap, then drop the old one
-        old = root / f"{_OLD}{step:08d}"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    fsync_dir(root)
+    # built beside, swapped in whole (the same step saved again replaces the old folder)
+    with building_dir(final) as tmp:
+        if write_files is not None:
+            write_files(tmp)
+        _fsync_files(tmp)
+        # the state goes last: a folder is complete once its state file is there
+        write_atomic(tmp / STATE_FILE, lambda f: torch.save(full, f))
     if keep is not None:
         prune(root, keep)
     return final
