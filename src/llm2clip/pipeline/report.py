@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -61,9 +62,7 @@ def _seed_stats(values: list) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation over seeds (0 for one seed); None when any run lacks the value."""
     if not values or any(v is None for v in values):
         return None, None
-    m = sum(values) / len(values)
-    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return m, sd
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def build_rows(cfg: PipelineConfig, ev: dict, zeroshot: dict | None = None) -> list[dict]:
