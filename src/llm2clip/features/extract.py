@@ -276,20 +276,48 @@ def _encoder_for_rank(cfg, dist: Dist):
     return cfg
 
 
-def _encode_shard(encoder, texts: list[str], batch_size: int, bar) -> np.ndarray:
-    """float32 [n, D]; longest first in chunks so each encode call pads little and progress moves."""
+def _max_length(encoder) -> int | None:
+    return getattr(getattr(encoder, "config", None), "max_length", None)
+
+
+def _truncated(encoder, texts: list[str]) -> int:
+    """Captions of the last ``encode`` call that were cut at max_length. The LLM encoder counts them
+    itself; for a tokenizer-based one without that count the tokenizer is asked; an encoder with
+    neither a tokenizer nor a max_length (random, bag of words) reads every caption whole."""
+    n = getattr(encoder, "truncated_count", None)
+    if n is not None:
+        return int(n)
+    tokenizer, limit = getattr(encoder, "tokenizer", None), _max_length(encoder)
+    if tokenizer is None or limit is None:
+        return 0
+    return sum(len(ids) > limit for ids in tokenizer(texts)["input_ids"])
+
+
+class _DropPerCallTruncationWarnings(logging.Filter):
+    """The LLM encoder warns about truncation on every encode call; the embed job sums the counts and
+    warns once per run instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "truncated" not in str(record.msg)
+
+
+def _encode_shard(encoder, texts: list[str], batch_size: int, bar) -> tuple[np.ndarray, int]:
+    """(float32 [n, D], captions truncated); longest first in chunks so each encode call pads little and
+    progress moves."""
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     out = np.empty((len(texts), encoder.dim), dtype=np.float32)
-    chunk = batch_size * 8
+    chunk, truncated = batch_size * 8, 0
     for s in range(0, len(order), chunk):
         idx = order[s : s + chunk]
-        vecs = encoder.encode([texts[i] for i in idx], batch_size=batch_size, progress=False)
+        part = [texts[i] for i in idx]
+        vecs = encoder.encode(part, batch_size=batch_size, progress=False)
+        truncated += _truncated(encoder, part)
         vecs = vecs.float().cpu().numpy() if hasattr(vecs, "cpu") else np.asarray(vecs, np.float32)
         if vecs.shape != (len(idx), encoder.dim):
             raise StoreError(f"the encoder returned shape {vecs.shape}, expected {(len(idx), encoder.dim)}")
         out[idx] = vecs
         bar.update(len(idx))
-    return out
+    return out, truncated
 
 
 def _job_record(config: EmbedConfig, caps: Captions, identity: dict, dim: int) -> dict:
@@ -356,22 +384,31 @@ def run_embedding(config: EmbedConfig, *, encoder=None, progress: bool | None = 
     desc = "embed" if dist.world == 1 else f"embed (rank 0 of {dist.world})"
     bar = tqdm(total=total, initial=total - left, unit="caption", desc=desc, smoothing=0.1,
                disable=not show or None)
-    for k in todo:
-        lo, hi = layout.shard_range(k)
-        vecs = _encode_shard(encoder, caps.texts[lo:hi], bs, bar)
-        write_shard(out, k, to_storage(vecs, config.dtype, where=f"shard {k} (rows {lo}-{hi - 1})"))
+    quiet = _DropPerCallTruncationWarnings()
+    encoder_log = logging.getLogger("llm2clip.text.encoder")
+    encoder_log.addFilter(quiet)
+    try:
+        for k in todo:  # each shard records its truncated captions, so a resumed run still counts them all
+            lo, hi = layout.shard_range(k)
+            vecs, truncated = _encode_shard(encoder, caps.texts[lo:hi], bs, bar)
+            write_shard(out, k, to_storage(vecs, config.dtype, where=f"shard {k} (rows {lo}-{hi - 1})"), identity,
+                        truncated_captions=truncated)
+    finally:
+        encoder_log.removeFilter(quiet)
     bar.close()
     dist.barrier()
     if dist.rank == 0:
-        finalize_store(out, layout, identity=identity, dim=dim, dtype=config.dtype, ids=caps.ids,
-                       id_rows=caps.id_rows, extra={
-                           "encoder": config.encoder.model_dump(mode="json"),
-                           "captions": {"sources": [s.model_dump(mode="json") for s in config.captions],
-                                        "records": caps.records, "repeated_ids": caps.repeated_ids,
-                                        "ids_sharing_a_row": len(caps.ids) - len(caps.texts),
-                                        "sha256": caps.fingerprint},
-                       })
+        extra = {"max_length": _max_length(encoder), "encoder": config.encoder.model_dump(mode="json"),
+                 "captions": {"sources": [s.model_dump(mode="json") for s in config.captions],
+                              "records": caps.records, "repeated_ids": caps.repeated_ids,
+                              "ids_sharing_a_row": len(caps.ids) - len(caps.texts), "sha256": caps.fingerprint}}
+        m = finalize_store(out, layout, identity=identity, dim=dim, dtype=config.dtype, ids=caps.ids,
+                           id_rows=caps.id_rows, extra=extra)
         log.info("wrote %s: %d captions, %d unique, %d shards", out, len(caps.ids), len(caps.texts), layout.n_shards)
+        if m.get("truncated_captions"):
+            log.warning("%s: %d of %d unique captions were longer than max_length=%s tokens and were cut (their "
+                        "embeddings see only the start); recorded as truncated_captions in the store manifest",
+                        out, m["truncated_captions"], len(caps.texts), m["max_length"])
     dist.barrier()
     return out
 

@@ -3,7 +3,9 @@
 Layout of a finished store (readable with numpy alone, no llm2clip needed)::
 
     manifest.json          format, encoder identity, dim, dtype, row/id counts, per-shard sha256
-    shard-00000.npy ...    [rows, dim] arrays; row r lives in shard r // shard_size, at r % shard_size
+    shard-00000.npy ...    [rows, dim] arrays; row r lives in shard r // shard_size, at r % shard_size;
+                           after the array data, a one-line record of the encoder identity it was written
+                           under (``np.load`` ignores bytes past the array)
     ids.npy                caption ids, UTF-8 bytes (|S<w>), sorted: binary-searchable when memory-mapped
     id_rows.npy            int64, the row of ids[i]; several ids share a row when their captions are equal
     SHA256SUMS             `sha256sum -c SHA256SUMS` checks every file but the manifest
@@ -12,12 +14,17 @@ float16 and float32 shards are plain .npy arrays; bfloat16 shards hold the raw b
 (numpy has no bfloat16): ``torch.from_numpy(a).view(torch.bfloat16)``, or ``FeatureStore``
 widens them to float32 exactly. Only ``manifest.json``, written last and atomically, makes a
 directory a store: a killed job leaves no manifest, so nothing half-written is read as valid.
+
+Reads are checked: the first time a process opens a shard (or the id files), the file's sha256 is
+compared with the manifest's and the shard's identity record with the manifest's identity, so a
+corrupt, swapped or foreign file is an error naming it instead of wrong vectors under this store's name.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +36,8 @@ from ..fileio import JOB_RECORD, TMP_MARK, remove_temp_files, write_bytes_atomic
 from ..hashing import file_sha256
 from ..jobs import Job
 
+log = logging.getLogger(__name__)
+
 FORMAT = "llm2clip-feature-store"
 VERSION = 1
 STORE_MANIFEST = "manifest.json"
@@ -39,6 +48,10 @@ ID_ROWS_FILE = "id_rows.npy"
 SUMS_FILE = "SHA256SUMS"
 # Stored numpy dtype of each store dtype (bfloat16 as its raw 16 bits).
 STORAGE = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4")}
+# Starts the record a shard carries after its array data: JSON with the encoder identity (and, from the
+# embed job, how many of its captions were cut at max_length), then a newline.
+RECORD_MARK = b"\nllm2clip-shard-record "
+RECORD_FIELD = "shards_carry_identity"  # manifest flag: every shard has a record (absent in older stores)
 
 
 class StoreError(InputError):
@@ -92,9 +105,15 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(out: Path, k: int, arr: np.ndarray) -> str:
+def shard_bytes(arr: np.ndarray, identity: dict, **stats) -> bytes:
+    """The .npy bytes of ``arr`` followed by the shard's record (identity first, then ``stats``)."""
+    record = json.dumps({"identity": identity, **stats}, sort_keys=True, ensure_ascii=True)
+    return npy_bytes(arr) + RECORD_MARK + record.encode("ascii") + b"\n"
+
+
+def write_shard(out: Path, k: int, arr: np.ndarray, identity: dict, **stats) -> str:
     """Write shard ``k`` atomically, then its checksum sidecar (so finalising need not reread it)."""
-    digest = write_bytes_atomic(out / shard_name(k), npy_bytes(arr))
+    digest = write_bytes_atomic(out / shard_name(k), shard_bytes(arr, identity, **stats))
     write_bytes_atomic(out / sidecar_name(k), f"{digest}  {shard_name(k)}\n".encode())
     return digest
 
@@ -119,15 +138,28 @@ class Layout:
         return lo, min(lo + self.shard_size, self.rows)
 
 
-def _shard_header(path: Path) -> tuple[tuple, np.dtype]:
+def _shard_header(path: Path) -> tuple[tuple, np.dtype, dict | None]:
+    """(shape, dtype, record) of a .npy shard; the record after its data is None in older stores."""
     try:
         with open(path, "rb") as f:
             major, _ = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
             shape, _, dtype = read(f)
+            f.seek(f.tell() + int(np.prod(shape)) * dtype.itemsize)
+            tail = f.read(1 << 20)
     except (OSError, ValueError) as err:
         raise StoreError(f"{path}: not a readable .npy shard: {err}") from None
-    return shape, dtype
+    if not tail:
+        return shape, dtype, None
+    try:
+        if not tail.startswith(RECORD_MARK):
+            raise ValueError("unexpected bytes")
+        rec = json.loads(tail[len(RECORD_MARK):])
+        if not isinstance(rec, dict) or not isinstance(rec.get("identity"), dict):
+            raise ValueError("no identity in it")
+    except ValueError as err:
+        raise StoreError(f"{path}: unreadable record after the array data ({err}); corrupt shard") from None
+    return shape, dtype, rec
 
 
 def _sorted_keys(ids: Sequence[str], id_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,15 +174,17 @@ def finalize_store(out: Path, layout: Layout, *, identity: dict, dim: int, dtype
                    id_rows: np.ndarray, extra: dict | None = None) -> dict:
     """Check every shard, then write keys, SHA256SUMS and, last, the manifest."""
     out = Path(out)
-    shards = []
+    shards, truncated = [], []
     for k in range(layout.n_shards):
         path = out / shard_name(k)
         if not path.is_file():
             raise StoreError(f"{path}: shard missing; cannot finalise the store")
         lo, hi = layout.shard_range(k)
-        shape, dt = _shard_header(path)
+        shape, dt, record = _shard_header(path)
         if shape != (hi - lo, dim) or dt != STORAGE[dtype]:
             raise StoreError(f"{path}: shape {shape} {dt}, expected {(hi - lo, dim)} {STORAGE[dtype]}")
+        _check_record(path, record, identity, required=True)
+        truncated.append(record.get("truncated_captions"))
         side = out / sidecar_name(k)
         digest = side.read_text().split()[0] if side.is_file() else file_sha256(path)
         shards.append({"file": shard_name(k), "rows": hi - lo, "bytes": path.stat().st_size, "sha256": digest})
@@ -177,6 +211,8 @@ def finalize_store(out: Path, layout: Layout, *, identity: dict, dim: int, dtype
         "shard_size": layout.shard_size,
         "shards": shards,
         "keys": {"ids": key_files[IDS_FILE], "rows": key_files[ID_ROWS_FILE]},
+        RECORD_FIELD: True,
+        **({"truncated_captions": sum(truncated)} if None not in truncated else {}),
         **(extra or {}),
     }
     sums = "".join(f"{s['sha256']}  {s['file']}\n" for s in shards)
@@ -197,11 +233,11 @@ def write_store(out: str | Path, ids: Sequence[str], vectors, *, identity: dict,
     if (out / STORE_MANIFEST).exists():
         raise StoreError(f"{out}: already holds a store")
     out.mkdir(parents=True, exist_ok=True)
-    layout = Layout(len(arr), shard_size)
+    layout, identity = Layout(len(arr), shard_size), _jsonable(identity)
     for k in range(layout.n_shards):
         lo, hi = layout.shard_range(k)
-        write_shard(out, k, arr[lo:hi])
-    finalize_store(out, layout, identity=_jsonable(identity), dim=arr.shape[1], dtype=dtype, ids=list(ids),
+        write_shard(out, k, arr[lo:hi], identity)
+    finalize_store(out, layout, identity=identity, dim=arr.shape[1], dtype=dtype, ids=list(ids),
                    id_rows=np.arange(len(arr)))
     return FeatureStore.open(out)
 
@@ -217,6 +253,34 @@ def _short(v, n: int = 80) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
+def _identity_diff(got: dict, exp: dict, got_name: str, exp_name: str) -> tuple[list[str], str]:
+    """The differing fields of two identities, and one line per field with both values."""
+    missing = object()
+    diff = [k for k in sorted(set(exp) | set(got)) if exp.get(k, missing) != got.get(k, missing)]
+    return diff, "\n".join(f"  {k}: {got_name} {_short(got.get(k, '<absent>'))}, {exp_name} "
+                           f"{_short(exp.get(k, '<absent>'))}" for k in diff)
+
+
+def _check_record(path: Path, record: dict | None, identity: dict, required: bool) -> None:
+    """A shard's record must name the store's identity; ``required`` unless the store predates records."""
+    if record is None:
+        if required:
+            raise StoreError(f"{path}: the shard records no encoder identity: it was not written with this "
+                             "store (a shard of an older store copied in?); run `features verify`")
+        return
+    if record["identity"] != identity:
+        diff, lines = _identity_diff(record["identity"], identity, "shard written under", "store manifest has")
+        raise IdentityMismatchError(
+            f"{path}: this shard was written under another encoder identity than the store's manifest names "
+            f"(differing fields: {', '.join(diff)}):\n{lines}\n  shard identity: {_short(record['identity'], 300)}"
+            f"\n  manifest identity: {_short(identity, 300)}")
+
+
+# Files checked in this process: (path, inode, size, mtime, sha256, identity). Forked data-loader workers
+# inherit it, so a store verified before they start is not hashed again in each of them.
+_VERIFIED: set[tuple] = set()
+
+
 class FeatureStore:
     """Memory-mapped, read-only access to a finished store; cheap to pickle into data-loader workers.
 
@@ -224,9 +288,10 @@ class FeatureStore:
     Arrays are opened lazily, once per process, and never loaded whole.
     """
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: Path, manifest: dict, verify_reads: bool = True):
         self.path = Path(path)
         self.manifest = manifest
+        self.verify_reads = verify_reads
         self._reset()
 
     def _reset(self) -> None:
@@ -234,18 +299,23 @@ class FeatureStore:
         self._keys: np.ndarray | None = None
         self._key_rows: np.ndarray | None = None
 
-    def __getstate__(self):
-        return {"path": str(self.path), "manifest": self.manifest}  # no memory maps: workers reopen
+    def __getstate__(self):  # no memory maps: workers reopen
+        return {"path": str(self.path), "manifest": self.manifest, "verify_reads": self.verify_reads}
 
     def __setstate__(self, state):
         self.path = Path(state["path"])
         self.manifest = state["manifest"]
+        self.verify_reads = state.get("verify_reads", True)
         self._reset()
 
     # ------------------------------------------------------------------------------- open
     @classmethod
-    def open(cls, path: str | Path, identity: dict | None = None, dim: int | None = None) -> FeatureStore:
-        """Open a finished store; with ``identity`` / ``dim``, refuse one made by another encoder."""
+    def open(cls, path: str | Path, identity: dict | None = None, dim: int | None = None,
+             verify_reads: bool = True) -> FeatureStore:
+        """Open a finished store; with ``identity`` / ``dim``, refuse one made by another encoder.
+
+        ``verify_reads``: check each file's sha256 and each shard's identity record the first time this
+        process reads it (see ``check_file``); False only to measure what the check costs."""
         path = Path(path)
         if not path.is_dir():
             raise StoreError(f"{path}: feature store not found")
@@ -259,7 +329,7 @@ class FeatureStore:
             manifest = json.loads(mf.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise StoreError(f"{mf}: unreadable manifest: {err}") from None
-        store = cls(path, manifest)
+        store = cls(path, manifest, verify_reads)
         store._check_manifest()
         if identity is not None:
             store.check_identity(identity)
@@ -327,26 +397,56 @@ class FeatureStore:
 
     def check_identity(self, expected: dict) -> None:
         """Raise IdentityMismatchError naming every field that differs from ``expected``."""
-        exp, got = _jsonable(expected), self.identity
-        missing = object()
-        diff = [k for k in sorted(set(exp) | set(got)) if exp.get(k, missing) != got.get(k, missing)]
+        diff, lines = _identity_diff(self.identity, _jsonable(expected), "store has", "expected")
         if diff:
-            lines = [f"  {k}: store has {_short(got.get(k, '<absent>'))}, expected {_short(exp.get(k, '<absent>'))}"
-                     for k in diff]
             raise IdentityMismatchError(
                 f"{self.path}: made by another encoder than the one expected; differing fields: "
-                f"{', '.join(diff)}\n" + "\n".join(lines))
+                f"{', '.join(diff)}\n" + lines)
 
     def check_dim(self, dim: int) -> None:
         if int(dim) != self.dim:
             raise StoreError(f"{self.path}: vectors are {self.dim}-d, expected {dim}-d")
+
+    def check_file(self, entry: dict, shard: bool, force: bool = False) -> Path:
+        """Check one file of the manifest: present, its sha256, and for a shard its identity record and shape.
+
+        Done once per process and file (``force``: again). Stores written before shards carried an
+        identity record are checked by their sha256 alone, which every manifest of this format holds:
+        that still refuses a swapped or foreign shard, only without naming the encoder it came from."""
+        p = self.path / entry["file"]
+        try:
+            st = p.stat()
+        except OSError:
+            raise StoreError(f"{p}: file missing from the store") from None
+        key = (str(p.absolute()), st.st_ino, st.st_size, st.st_mtime_ns, entry["sha256"],
+               json.dumps(self.identity, sort_keys=True) if shard else None)
+        if key in _VERIFIED and not force:
+            return p
+        digest = file_sha256(p)
+        if shard:  # a foreign shard's record names its encoder: a clearer error than its checksum
+            try:
+                shape, dt, record = _shard_header(p)
+                _check_record(p, record, self.identity, required=bool(self.manifest.get(RECORD_FIELD)))
+            except IdentityMismatchError:
+                raise
+            except StoreError:
+                if digest == entry["sha256"]:
+                    raise
+        if digest != entry["sha256"]:  # a damaged record falls through to here
+            raise StoreError(f"{p}: checksum mismatch (corrupt or replaced): sha256 {digest[:16]}..., the manifest "
+                             f"records {entry['sha256'][:16]}...; `llm2clip features verify {self.path}` "
+                             "checks every file")
+        if shard and (shape != (entry["rows"], self.dim) or dt != STORAGE[self.dtype]):
+            raise StoreError(f"{p}: shape {shape} {dt}, expected {(entry['rows'], self.dim)} {STORAGE[self.dtype]}")
+        _VERIFIED.add(key)
+        return p
 
     # ------------------------------------------------------------------------------- access
     def _shard(self, k: int) -> np.ndarray:
         arr = self._shards[k]
         if arr is None:
             entry = self.manifest["shards"][k]
-            p = self.path / entry["file"]
+            p = self.check_file(entry, shard=True) if self.verify_reads else self.path / entry["file"]
             try:
                 arr = np.load(p, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as err:
@@ -378,6 +478,9 @@ class FeatureStore:
     def _load_keys(self) -> tuple[np.ndarray, np.ndarray]:
         if self._keys is None:
             k = self.manifest["keys"]
+            if self.verify_reads:
+                for entry in k.values():
+                    self.check_file(entry, shard=False)
             try:
                 self._keys = np.load(self.path / k["ids"]["file"], mmap_mode="r", allow_pickle=False)
                 self._key_rows = np.load(self.path / k["rows"]["file"], mmap_mode="r", allow_pickle=False)
@@ -430,7 +533,8 @@ class FeatureStore:
 
     # ------------------------------------------------------------------------------ checks
     def verify(self, progress: bool | None = False) -> dict:
-        """Recompute every file's sha256 and shape; raise StoreError listing each bad file."""
+        """Recompute every file's sha256, shape and identity record; raise StoreError listing each bad file.
+        Files that pass are not checked again by reads in this process (nor in workers forked after)."""
         from tqdm.auto import tqdm
 
         entries = [*self.manifest["shards"], *self.manifest["keys"].values()]
@@ -438,17 +542,10 @@ class FeatureStore:
         bad = []
         for i, entry in enumerate(tqdm(entries, desc="verify", unit="file",
                                        disable=not progress if progress is not None else None)):
-            p = self.path / entry["file"]
-            if not p.is_file():
-                bad.append(f"{entry['file']}: missing")
-                continue
-            if file_sha256(p) != entry["sha256"]:
-                bad.append(f"{entry['file']}: checksum mismatch (corrupt or replaced)")
-                continue
-            if i < n_shards:
-                shape, dt = _shard_header(p)
-                if shape != (entry["rows"], self.dim) or dt != STORAGE[self.dtype]:
-                    bad.append(f"{entry['file']}: shape {shape} {dt}, expected {(entry['rows'], self.dim)}")
+            try:
+                self.check_file(entry, shard=i < n_shards, force=True)
+            except StoreError as err:
+                bad.append(str(err))
         if bad:
             raise StoreError(f"{self.path}: {len(bad)} bad file(s):\n  " + "\n  ".join(bad))
         return {"files": len(entries), "rows": len(self), "ids": self.num_ids,
