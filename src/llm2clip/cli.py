@@ -62,7 +62,7 @@ def _write_json(path: Path, obj) -> None:
 
 # Subcommands in --help order: this module's own, and the modules whose add_commands(sub) registers theirs.
 COMMANDS = ["pipeline.cli", "eval.cli", _add_eval_text, "finetune.cli", "features.cli", "data.cli", "train.cli",
-            "search", "convert.cli"]
+            "search", "serve.cli", "convert.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

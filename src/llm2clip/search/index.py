@@ -136,6 +136,23 @@ def _collate(batch):
     return batch
 
 
+def _loader(lm, root: Path, rels: list[str], batches: list[list[int]], workers: int):
+    import torch
+
+    return torch.utils.data.DataLoader(_ImageFiles(root, rels, lm.transform), batch_sampler=batches,
+                                       num_workers=workers, collate_fn=_collate)
+
+
+def _embed_items(lm, items) -> tuple[np.ndarray | None, list[int], list[tuple[int, str]]]:
+    """One loader batch -> (embeddings of the readable rows or None, those rows, (row, reason) of the others)."""
+    import torch
+
+    good = [(i, x) for i, x, _ in items if x is not None]
+    bad = [(i, why) for i, _, why in items if why]
+    emb = lm.embed_pixels(torch.stack([x for _, x in good])).numpy() if good else None
+    return emb, [i for i, _ in good], bad
+
+
 def _job_record(lm, root: Path, plan: list[str], chunk_size: int) -> dict:
     return {"model": lm.identity(), "images_dir": str(root), "files": len(plan), "files_sha256": _sha_lines(plan),
             "chunk_size": chunk_size}
@@ -209,7 +226,6 @@ def build_index(images_dir: str | Path, model, out: str | Path, *, hnsw: bool = 
     """Embed every image under ``images_dir`` with ``model`` (a LoadedModel or a model folder) into ``out``.
 
     Resumable: rerun with the same arguments after a kill. Unreadable files are skipped and listed."""
-    import torch
     from tqdm.auto import tqdm
 
     from ..api import LoadedModel, load
@@ -243,22 +259,19 @@ def build_index(images_dir: str | Path, model, out: str | Path, *, hnsw: bool = 
         for s in range(lo, hi, batch_size):
             batches.append(list(range(s, min(s + batch_size, hi))))
         last_of_chunk[len(batches) - 1] = k
-    loader = torch.utils.data.DataLoader(_ImageFiles(root, plan, lm.transform), batch_sampler=batches,
-                                         num_workers=workers, collate_fn=_collate)
+    loader = _loader(lm, root, plan, batches, workers)
     bar = tqdm(total=len(plan), initial=done_rows, unit="img", desc="index", smoothing=0.1,
                disable=(not progress) if progress is not None else None)
     embedded, finished = 0, 0
     emb_parts, ok_rows, bad_rows, reasons = [], [], [], []
     try:
         for b, items in enumerate(loader):
-            good = [(i, x) for i, x, _ in items if x is not None]
-            for i, _, why in items:
-                if why:
-                    bad_rows.append(i)
-                    reasons.append(why)
-            if good:
-                emb_parts.append(lm.embed_pixels(torch.stack([x for _, x in good])).numpy())
-                ok_rows.extend(i for i, _ in good)
+            emb, ok, bad = _embed_items(lm, items)
+            if emb is not None:
+                emb_parts.append(emb)
+                ok_rows.extend(ok)
+            bad_rows.extend(i for i, _ in bad)
+            reasons.extend(why for _, why in bad)
             embedded += len(items)
             bar.update(len(items))
             if b in last_of_chunk:
@@ -274,6 +287,13 @@ def build_index(images_dir: str | Path, model, out: str | Path, *, hnsw: bool = 
     finally:
         bar.close()
     return _finalize(out, root, lm, plan, skipped, n_chunks, settings, embedded)
+
+
+def _write_index_files(out: Path, index, files: list[str], skipped: list) -> None:
+    """Everything of a finished index but its manifest (written last: it vouches for these)."""
+    write_bytes_atomic(out / FAISS_FILE, _faiss().serialize_index(index).tobytes())
+    write_bytes_atomic(out / FILES_FILE, ("\n".join(files) + "\n").encode("utf-8"))
+    write_bytes_atomic(out / SKIPPED_FILE, "".join(f"{r}\t{why}\n" for r, why in skipped).encode("utf-8"))
 
 
 def _finalize(out: Path, root: Path, lm, plan: list[str], skipped: list, n_chunks: int, settings: dict,
@@ -292,12 +312,10 @@ def _finalize(out: Path, root: Path, lm, plan: list[str], skipped: list, n_chunk
     emb = np.concatenate(embs)
     index = _faiss_index(emb, settings["kind"] == "hnsw", settings.get("M", 32), settings.get("ef_construction", 80),
                          settings.get("ef_search", 64))
-    write_bytes_atomic(out / FAISS_FILE, _faiss().serialize_index(index).tobytes())
-    write_bytes_atomic(out / FILES_FILE, ("\n".join(files) + "\n").encode("utf-8"))
-    write_bytes_atomic(out / SKIPPED_FILE, "".join(f"{r}\t{why}\n" for r, why in skipped).encode("utf-8"))
-    manifest = {"format": FORMAT, "model": {**lm.identity(), "path": str(lm.path)}, "images_dir": str(root),
-                "count": len(files), "skipped": len(skipped), "dim": int(emb.shape[1]), "index": settings,
-                "dtype": str(lm.dtype).removeprefix("torch."), "image_size": lm.image_size}
+    _write_index_files(out, index, files, skipped)
+    manifest = {"format": FORMAT, "version": 1, "model": {**lm.identity(), "path": str(lm.path)},
+                "images_dir": str(root), "count": len(files), "skipped": len(skipped), "dim": int(emb.shape[1]),
+                "index": settings, "dtype": str(lm.dtype).removeprefix("torch."), "image_size": lm.image_size}
     Job(out, JOB_KIND, INDEX_MANIFEST).complete((json.dumps(manifest, indent=1) + "\n").encode("utf-8"),
                                                 scratch=[CHUNK_DIR, PLAN_FILE])
     return IndexResult(out, len(files), skipped, embedded)
@@ -308,8 +326,9 @@ def _finalize(out: Path, root: Path, lm, plan: list[str], skipped: list, n_chunk
 class Hit:
     rank: int
     score: float
-    file: str  # relative to the image folder
+    file: str  # relative to the image folder (absolute for images added from outside it)
     path: str  # absolute
+    row: int = -1  # the image's row in the index (stable: `index add` appends)
 
 
 class ImageIndex:
@@ -317,12 +336,28 @@ class ImageIndex:
 
     def __init__(self, path: Path, manifest: dict, files: list[str], index):
         self.path, self.manifest, self.files, self.index = path, manifest, files, index
+        self.stamp = None  # index_stamp() of the version read
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest.get("version", 1))
 
     @classmethod
     def open(cls, path: str | Path) -> ImageIndex:
+        """Read a finished index; one swapped in by `index add` while reading is read again."""
+        path = Path(path)
+        for _ in range(5):
+            before = index_stamp(path)
+            idx = cls._read(path)
+            if before is not None and index_stamp(path) == before:
+                idx.stamp = before
+                return idx
+        raise InputError(f"{path}: the index kept changing while it was read; try again")
+
+    @classmethod
+    def _read(cls, path: Path) -> ImageIndex:
         faiss = _faiss()
 
-        path = Path(path)
         mf = path / INDEX_MANIFEST
         if not mf.is_file():
             if (path / JOB_FILE).is_file():
@@ -371,9 +406,12 @@ class ImageIndex:
         got = lm.identity()
         diff = differing_keys(have, got)
         if diff:
-            raise ConfigError(f"{self.path}: built with another model ({self.manifest['model'].get('path')}); "
-                              f"{lm.path} differs in {', '.join(diff)}. Search with the model that built the index, "
-                              "or build a new index with this one")
+            def who(ident: dict, path) -> str:
+                return f"{path} (weights sha256 {str(ident.get('weights_sha256'))[:12]})"
+
+            raise ConfigError(f"{self.path}: built with another model: {who(have, self.manifest['model'].get('path'))}"
+                              f"; {who(got, lm.path)} differs in {', '.join(diff)}. Search with the model that "
+                              "built the index, or build a new index with this one")
 
     def set_ef_search(self, ef: int) -> None:
         if self.manifest["index"].get("kind") != "hnsw":
@@ -397,9 +435,30 @@ class ImageIndex:
                 if r < 0:  # HNSW may find fewer than k
                     continue
                 rel = self.files[r]
-                hits.append(Hit(len(hits) + 1, float(s), rel, str(self.images_dir / rel)))
+                hits.append(Hit(len(hits) + 1, float(s), rel, str(self.images_dir / rel), int(r)))
             out.append(hits)
         return out
+
+
+def index_stamp(path: str | Path) -> tuple[int, int, int] | None:
+    """A cheap fingerprint of the index version at ``path`` (its manifest's inode, size and mtime), or None
+    while there is none (mid-swap). `index add` replaces the whole folder, so a new version has a new one."""
+    try:
+        st = os.stat(Path(path) / INDEX_MANIFEST)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def query_truncated(lm, texts: Sequence[str]) -> list[bool]:
+    """For each text: would the caption encoder cut it at its max_length? (False for encoders without one.)"""
+    enc = lm.caption_encoder
+    if enc is not None and callable(getattr(enc, "tokenize", None)):
+        return [bool(t.truncated) for t in enc.tokenize(list(texts))]
+    tok, limit = getattr(enc, "tokenizer", None), getattr(getattr(enc, "config", None), "max_length", None)
+    if tok is not None and limit:  # a sentence encoder: its tokenizer, with specials
+        return [len(ids) > limit for ids in tok(list(texts), truncation=False)["input_ids"]]
+    return [False] * len(texts)
 
 
 def open_model_for(index: ImageIndex, model=None, device: str = "auto", precision=None, caption_encoder=None, *,
@@ -432,3 +491,64 @@ def search_index(index: str | Path | ImageIndex, query: str | None = None, *, im
     lm = open_model_for(idx, model, device, precision, caption_encoder, dtype=dtype)
     q = lm.encode_text([query]) if query is not None else lm.encode_image([image])
     return idx.search(q, k)[0]
+
+
+# ------------------------------------------------------------------------------------ adding
+@dataclass
+class AddResult:
+    path: Path
+    count: int  # images in the new version
+    added: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable files of this run
+    version: int = 1
+
+
+def add_to_index(index: str | Path, images_dir: str | Path, model=None, *, batch_size: int = 64, workers: int = 0,
+                 device: str = "auto", precision=None, progress: bool | None = None) -> AddResult:
+    """Add the images under ``images_dir`` that ``index`` does not hold yet, as a new version of it.
+
+    The new version is built in a folder beside the index and swapped in whole (fileio.building_dir): a
+    reader (``llm2clip serve``) sees the old version or the new one. Rows of the old version keep their
+    numbers. Images outside the index's image folder are recorded by absolute path."""
+    from tqdm.auto import tqdm
+
+    from ..fileio import building_dir
+
+    if batch_size < 1 or workers < 0:
+        raise ConfigError("batch_size must be >= 1 and workers >= 0")
+    idx = ImageIndex.open(index)
+    lm = open_model_for(idx, model, device, precision)
+    root, base = Path(images_dir).resolve(), idx.images_dir
+    found, bad_names = find_images(root, exclude=idx.path.resolve())
+    names = [(root / r).relative_to(base).as_posix() if (root / r).is_relative_to(base) else str(root / r)
+             for r in found]
+    have = set(idx.files)
+    new = [n for n in names if n not in have]
+    if not new:
+        return AddResult(idx.path, len(idx), 0, list(bad_names), idx.version)
+    batches = [list(range(s, min(s + batch_size, len(new)))) for s in range(0, len(new), batch_size)]
+    parts, ok_rows, bad = [], [], list(bad_names)
+    with tqdm(total=len(new), unit="img", desc="index add", disable=(not progress) if progress is not None else None) \
+            as bar:
+        for items in _loader(lm, base, new, batches, workers):  # absolute names ignore the base
+            emb, ok, why = _embed_items(lm, items)
+            if emb is not None:
+                parts.append(emb)
+                ok_rows.extend(ok)
+            bad.extend((new[i], r) for i, r in why)
+            bar.update(len(items))
+    added = [new[i] for i in ok_rows]
+    if not added:
+        return AddResult(idx.path, len(idx), 0, bad, idx.version)
+    emb = np.concatenate([idx.index.reconstruct_n(0, len(idx))] + parts)
+    settings = idx.manifest["index"]
+    faiss_index = _faiss_index(emb, settings["kind"] == "hnsw", settings.get("M", 32),
+                               settings.get("ef_construction", 80), settings.get("ef_search", 64))
+    files = idx.files + added
+    now = set(added)  # a file that failed before and reads now leaves the skipped list
+    skipped = [(r, why) for r, why in idx.skipped() if r not in now] + bad
+    manifest = {**idx.manifest, "version": idx.version + 1, "count": len(files), "skipped": len(skipped)}
+    with building_dir(idx.path) as tmp:
+        _write_index_files(tmp, faiss_index, files, skipped)
+        write_bytes_atomic(tmp / INDEX_MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+    return AddResult(idx.path, len(files), len(added), bad, idx.version + 1)
