@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "LoadedModel", "__version__"]
+__all__ = ["load", "LoadedModel", "list_models", "create_model", "__version__"]
 
 
 def __getattr__(name):
@@ -11,4 +11,8 @@ def __getattr__(name):
         from . import api
 
         return getattr(api, name)
+    if name in ("list_models", "create_model"):
+        from . import factory
+
+        return getattr(factory, name)
     raise AttributeError(f"module 'llm2clip' has no attribute {name!r}")

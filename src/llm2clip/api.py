@@ -364,8 +364,9 @@ class LoadedModel:
 
 
 def load(path: str | Path, device: str | torch.device = DEFAULT_DEVICE, precision=None, caption_encoder=None,
-         lazy_text: bool = False, *, dtype=None) -> LoadedModel:
-    """A saved LLM2CLIP model folder (``run_dir/model``, or the run folder) ready for inference.
+         lazy_text: bool = False, *, dtype=None, revision: str | None = None) -> LoadedModel:
+    """A saved LLM2CLIP model folder (``run_dir/model``, or the run folder), or a Hugging Face Hub id
+    (``owner/name``, fetched with snapshot_download at ``revision``), ready for inference.
 
     device: "auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:1", ...
     precision: None/"fp32" or "bf16"/"fp16" (also "float32", "bfloat16", "float16", a torch dtype) for the
@@ -376,12 +377,11 @@ def load(path: str | Path, device: str | torch.device = DEFAULT_DEVICE, precisio
     the module docstring says. lazy_text: build the caption encoder on the first ``encode_text``
     (image-only work never loads the LLM).
     """
+    from .hub import resolve_model_dir
     from .model import LLM2CLIP, MODEL_MANIFEST
 
     precision = _precision_arg(precision, dtype)
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"{path}: model folder not found")
+    path = resolve_model_dir(path, revision=revision)  # a local folder first; else a hub id
     if not (path / MODEL_MANIFEST).is_file() and (path / "model" / MODEL_MANIFEST).is_file():
         path = path / "model"  # a run folder
     dev = resolve_device(device)

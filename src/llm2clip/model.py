@@ -3,7 +3,9 @@
 The text side is either the TextAdapter over stored LLM caption embeddings (the method; the LLM
 never runs in training) or a plain CLIP text transformer trained jointly (the vanilla-CLIP
 baseline on the same data and code). A saved model is ``model.safetensors`` plus
-``llm2clip_model.json``, which holds the config and pins the caption encoder's identity.
+``llm2clip_model.json``, which holds the config and pins the caption encoder's identity;
+``save_pretrained`` adds ``config.json`` and a ``README.md`` model card (huggingface_hub's
+ModelHubMixin gives ``push_to_hub``), and ``from_pretrained`` also takes a Hub id.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard, ModelHubMixin
 from pydantic import Field
 from torch import nn
 
+from . import hub
 from .config import StrictModel
 from .errors import ConfigError, InputError
 from .vision import VisionConfig, build_vision_tower
@@ -27,6 +31,7 @@ from .vision import VisionConfig, build_vision_tower
 MODEL_MANIFEST = "llm2clip_model.json"
 MODEL_WEIGHTS = "model.safetensors"
 MANIFEST_FORMAT = "llm2clip-model/1"
+HUB_CONFIG = "config.json"  # for the Hub's tooling; llm2clip_model.json stays what loading reads
 
 
 # ---------------------------------------------------------------------------------- configs
@@ -186,7 +191,8 @@ def caption_encoder_record(features_config, features) -> dict | None:
 
 
 # -------------------------------------------------------------------------------------- model
-class LLM2CLIP(nn.Module):
+class LLM2CLIP(nn.Module, ModelHubMixin, library_name="llm2clip", paper_url=hub.PAPER, tags=["llm2clip", "clip"],
+               pipeline_tag="zero-shot-image-classification"):
     def __init__(self, cfg: ModelConfig, text_dim: int | None = None, text_identity: dict | None = None,
                  load_pretrained: bool = True, caption_encoder_config: dict | None = None):
         super().__init__()
@@ -214,6 +220,8 @@ class LLM2CLIP(nn.Module):
         # How to rebuild the caption encoder (its config as JSON), saved so llm2clip.load needs no spec.
         self.caption_encoder_config = dict(caption_encoder_config) if caption_encoder_config else None
         self.caption_encoder = None  # optional, for encode_text(list of str); not saved
+        self.training_record: dict | None = None  # what the trainer records for the model card
+        self.source_dir: Path | None = None  # the folder it was loaded from (its eval results feed a card)
 
     # ------------------------------------------------------------------------------ encoders
     @property
@@ -258,11 +266,15 @@ class LLM2CLIP(nn.Module):
 
     # ---------------------------------------------------------------------------- save / load
     def manifest(self) -> dict:
-        return {"format": MANIFEST_FORMAT, "config": self.config.model_dump(mode="json"),
-                "text_dim": self.text.in_dim if self.uses_adapter else None, "text_identity": self.text_identity,
-                "caption_encoder": self.caption_encoder_config}
+        out = {"format": MANIFEST_FORMAT, "config": self.config.model_dump(mode="json"),
+               "text_dim": self.text.in_dim if self.uses_adapter else None, "text_identity": self.text_identity,
+               "caption_encoder": self.caption_encoder_config}
+        if self.training_record:
+            out["training"] = self.training_record
+        return out
 
     def save(self, path: str | Path) -> Path:
+        """Weights and manifest only (checkpoints); ``save_pretrained`` adds config.json and the card."""
         from safetensors.torch import save_model
 
         from .fileio import save_atomic, write_json_atomic
@@ -271,6 +283,61 @@ class LLM2CLIP(nn.Module):
         save_atomic(path / MODEL_WEIGHTS, lambda tmp: save_model(self, str(tmp)))
         write_json_atomic(path / MODEL_MANIFEST, self.manifest())  # last: a folder with it is a whole model
         return path
+
+    def hub_config(self) -> dict:
+        return {"architectures": ["LLM2CLIP"], "library_name": "llm2clip", "llm2clip_format": MANIFEST_FORMAT,
+                "model_config": self.config.model_dump(mode="json"), "embed_dim": self.config.embed_dim,
+                "caption_embedding_dim": self.text.in_dim if self.uses_adapter else None}
+
+    def write_hub_config(self, path: str | Path) -> None:
+        from .fileio import write_json_atomic
+
+        write_json_atomic(Path(path) / HUB_CONFIG, self.hub_config())
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        # ModelHubMixin.save_pretrained: weights, manifest, config.json here; then the card, which it
+        # writes only where no README.md is, so a card of ours is removed to be rewritten.
+        self.save(save_directory)
+        self.write_hub_config(save_directory)
+        card = save_directory / hub.CARD
+        if card.is_file() and hub.CARD_MARK in card.read_text(encoding="utf-8"):
+            card.unlink()
+        self._card_folder = save_directory
+
+    def generate_model_card(self, eval_results: str | Path | None = None, title: str | None = None,
+                            **_) -> ModelCard:
+        """The card from this model's manifest and, when found, the evaluation results beside the folder
+        being written (or the folder it was loaded from)."""
+        folder = getattr(self, "_card_folder", None) or self.source_dir
+        if eval_results is None:
+            for f in (folder, self.source_dir):
+                eval_results = eval_results or (hub.find_eval_results(Path(f)) if f else None)
+        if title is None and folder is not None:
+            title = hub.folder_title(folder)
+        return ModelCard(hub.model_card(self.manifest(), eval_results, title or "llm2clip model"))
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """ModelHubMixin.push_to_hub, with the card titled by the repo id."""
+        kwargs["model_card_kwargs"] = {"title": repo_id, **(kwargs.get("model_card_kwargs") or {})}
+        return super().push_to_hub(repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, revision: str | None = None,
+                        cache_dir: str | Path | None = None, force_download: bool = False,
+                        token: str | bool | None = None, local_files_only: bool = False,
+                        map_location: str = "cpu", text_identity: dict | None = None) -> LLM2CLIP:
+        """A saved model folder or a Hugging Face Hub id (snapshot_download); reads llm2clip_model.json, so
+        folders saved before config.json existed load too."""
+        path = hub.resolve_model_dir(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                                     token=token, force_download=force_download, local_files_only=local_files_only)
+        return cls.load(path, text_identity=text_identity, map_location=map_location)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", text_identity: dict | None = None,
+                         **hub_kwargs) -> LLM2CLIP:
+        keep = ("revision", "cache_dir", "force_download", "token", "local_files_only")
+        return cls.from_pretrained(model_id, map_location=map_location, text_identity=text_identity,
+                                   **{k: v for k, v in hub_kwargs.items() if k in keep})
 
     @classmethod
     def load(cls, path: str | Path, text_identity: dict | None = None, map_location: str = "cpu") -> LLM2CLIP:
@@ -290,4 +357,18 @@ class LLM2CLIP(nn.Module):
         model = cls(cfg, manifest.get("text_dim"), manifest.get("text_identity"), load_pretrained=False,
                     caption_encoder_config=manifest.get("caption_encoder"))
         load_model(model, str(path / MODEL_WEIGHTS), device=map_location)
+        model.training_record, model.source_dir = manifest.get("training"), path
         return model.eval()
+
+
+def write_model_card(folder: str | Path, eval_results: str | Path | None = None, title: str | None = None) -> Path:
+    """(Re)write the README.md card of a saved model folder from its manifest, e.g. after ``llm2clip eval``
+    (its results are found beside the folder, or give ``eval_results``). A README not written by llm2clip
+    is kept (ConfigError)."""
+    folder = Path(folder)
+    mf = folder / MODEL_MANIFEST
+    if not mf.is_file():
+        raise ConfigError(f"{folder}: no {MODEL_MANIFEST}; not a saved LLM2CLIP model")
+    text = hub.model_card(json.loads(mf.read_text(encoding="utf-8")), eval_results or hub.find_eval_results(folder),
+                          title or hub.folder_title(folder))
+    return hub.write_card(folder, text)

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from ..config import StrictModel, resolve_path
 from ..text.config import LLMEncoderConfig
+from ..tracking import LoggingConfig
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -99,6 +100,8 @@ class FinetuneConfig(StrictModel):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     save_every: int = Field(50, ge=1, description="checkpoint every N steps (and at the end)")
     log_every: int = Field(1, ge=1)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description=(
+        "TensorBoard / wandb views of metrics.jsonl (llm2clip.tracking)"))
 
     @model_validator(mode="after")
     def _check(self):

@@ -30,6 +30,7 @@ from ..errors import ConfigError
 from ..eval.cra import caption_retrieval_accuracy, paired_caption_retrieval
 from ..fileio import fsync_dir, write_json_atomic
 from ..text.encoder import ENCODER_MANIFEST, CaptionEncoder
+from ..tracking import TENSORBOARD_DIR, Tracker
 from .config import FinetuneConfig
 from .contrastive import bucketed_backward, distributed_contrastive_loss, grad_cached_backward, length_buckets, world
 from .data import (
@@ -97,6 +98,7 @@ class Stage1Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.steps))
         self.step = 0
+        self.tracker: Tracker | None = None  # TensorBoard / wandb (rank 0), opened by run()
         # training wall time: earlier processes' (from the checkpoint) + this one's since run(), evaluations excluded
         self._train_s_before, self._t_start, self._eval_s = 0.0, None, 0.0
         self.trunk = None
@@ -304,6 +306,8 @@ class Stage1Trainer:
         if self.rank == 0:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(rec)
 
     def run(self, resume: bool = True) -> dict:
         c = self.cfg
@@ -322,6 +326,15 @@ class Stage1Trainer:
             if checkpointing.clear(self.ckpt_dir):
                 log.info("starting over: removed the checkpoints of %s", self.out)
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(self.out / TENSORBOARD_DIR, ignore_errors=True)
+        self.tracker = Tracker(c.logging, self.out, c.model_dump(mode="json"), enabled=self.rank == 0)
+        try:
+            return self._train()
+        finally:
+            self.tracker.close()
+
+    def _train(self) -> dict:
+        c = self.cfg
         self._t_start, self._eval_s = time.perf_counter(), 0.0
         t_start = self._t_start
         if self.trunk:
@@ -358,12 +371,12 @@ class Stage1Trainer:
         self.save_checkpoint()
         summary = {**final, "train_s": round(train_s, 3)}
         if self.rank == 0:
-            self.export()
+            self.export(summary)
             write_json_atomic(self.out / "summary.json", summary)
         return summary
 
-    def export(self) -> None:
-        """adapter/ (LoRA on the body) and encoder/ (merged weights + manifest)."""
+    def export(self, summary: dict | None = None) -> None:
+        """adapter/ (LoRA on the body) and encoder/ (merged weights, manifest and a README.md card)."""
         self.peft.save_pretrained(self.out / "adapter")
         merged = self.peft.merge_and_unload()
         tmp = self.out / "encoder.tmp"
@@ -376,6 +389,10 @@ class Stage1Trainer:
 
         enc._identity["weight_hash"] = weight_hash(merged)
         enc.save(tmp)
+        from ..hub import encoder_card, write_card
+
+        mf = json.loads((tmp / ENCODER_MANIFEST).read_text(encoding="utf-8"))
+        write_card(tmp, encoder_card(mf, summary, self.cfg.model_dump(mode="json"), f"{self.out.name} caption encoder"))
         shutil.rmtree(self.out / "encoder", ignore_errors=True)
         os.replace(tmp, self.out / "encoder")
         fsync_dir(self.out)

@@ -16,6 +16,7 @@ from ..config import resolve_path as _rel
 from ..data.images import BagOfWordsConfig
 from ..model import ModelConfig
 from ..text.config import LLMEncoderConfig, RandomEncoderConfig, SentenceEncoderConfig
+from ..tracking import LoggingConfig
 
 
 class ScenesSource(StrictModel):
@@ -162,6 +163,8 @@ class RunConfig(StrictModel):
     data: DataConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: LoopConfig = Field(default_factory=LoopConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description=(
+        "TensorBoard / wandb views of metrics.jsonl (llm2clip.tracking)"))
 
     @model_validator(mode="after")
     def _text_needs_features(self):

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed as _dist
 from ..data.images import (
     PairDataset,
     StepBatchSampler,
@@ -32,7 +34,8 @@ from ..data.shards import sync_positions
 from ..errors import ConfigError, InputError
 from ..fileio import write_json_atomic
 from ..losses import build_loss
-from ..model import LLM2CLIP, caption_encoder_record, check_identity
+from ..model import LLM2CLIP, caption_encoder_record, check_identity, write_model_card
+from ..tracking import TENSORBOARD_DIR, Tracker
 from ..vision import build_transform
 from .checkpoint import (
     all_rng_states,
@@ -130,17 +133,45 @@ def _unwrap(model):
 
 
 class _Metrics:
-    def __init__(self, path: Path | None):
+    """metrics.jsonl (the record), each row also forwarded to the run's tracker (TensorBoard / wandb)."""
+
+    def __init__(self, path: Path | None, tracker: Tracker | None = None):
         self.f = open(path, "a", encoding="utf-8") if path else None
+        self.tracker = tracker
 
     def write(self, row: dict) -> None:
         if self.f:
             self.f.write(json.dumps(row) + "\n")
             self.f.flush()
+        if self.tracker is not None:
+            self.tracker.log(row)
 
     def close(self) -> None:
         if self.f:
             self.f.close()
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+def global_figures(loss: float, skipped: int, device: torch.device) -> tuple[float, int]:
+    """(mean loss over ranks, bad images summed over ranks): the run's figures, not rank 0's; a
+    collective, so every rank calls it. One process: the values as given."""
+    if not _dist.is_initialized():
+        return loss, skipped
+    t = torch.tensor([loss, float(skipped)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t[0].item() / _dist.world_size(), round(t[1].item())
+
+
+def describe_source(src) -> dict | None:
+    """A data source for the model card: its kind and size, file names without their folders."""
+    if src is None:
+        return None
+    d = src.model_dump(mode="json")
+    keep = {k: d[k] for k in ("kind", "count", "offset", "split") if d.get(k) is not None}
+    if d.get("path"):
+        keep["path"] = Path(d["path"]).name
+    return keep
 
 
 # ------------------------------------------------------------------------------------- trainer
@@ -179,6 +210,11 @@ class Stage2Trainer:
         val_records, self.val_loader_fn = build_source(cfg.data.val) if cfg.data.val is not None else ([], None)
         self.val_records = val_records[: cfg.data.val_max]
         self.features = build_features(cfg, [self.train_records, self.val_records])
+        # recorded at embed time by newer stores: captions cut at the caption encoder's max_length
+        self.truncated = int((getattr(self.features, "manifest", None) or {}).get("truncated_captions") or 0)
+        if self.truncated and self.di.main:
+            log.warning("the feature store reports %d caption(s) truncated at the caption encoder's max_length; "
+                        "their embeddings miss the cut text", self.truncated)
 
     def model(self) -> None:
         cfg, T, di, features = self.cfg, self.cfg.train, self.di, self.features
@@ -216,6 +252,7 @@ class Stage2Trainer:
             if self.di.main:
                 n = clear_checkpoints(self.run_dir)
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+                shutil.rmtree(self.run_dir / TENSORBOARD_DIR, ignore_errors=True)  # the replaced run's view of it
                 if n:
                     log.info("starting over: removed %d checkpoint(s) of %s", n, self.run_dir)
             barrier()
@@ -284,13 +321,19 @@ class Stage2Trainer:
         self._n += T.batch_size
         return loss
 
+    def skipped_since_start(self) -> int:
+        """Bad images this process passed over since it started (or resumed)."""
+        return self.data_state["skipped"] - self._skipped_start
+
     def log_step(self, loss: float) -> None:
         T = self.cfg.train
         if self.step % T.log_every == 0 or self.step == T.steps:
+            loss, skipped = global_figures(loss, self.skipped_since_start(), self.di.device)  # collective
             dt = time.perf_counter() - self._t0
             self.last = {"step": self.step, "loss": loss, "lr": max(g["lr"] for g in self.optimizer.param_groups),
                          "logit_scale": float(self.net.logit_scale.detach().exp()),
-                         "images_per_s": self._n / dt if dt else None, "skipped_images": self.data_state["skipped"]}
+                         "images_per_s": self._n / dt if dt else None,
+                         "skipped_images": self._skipped_base + skipped}
             self.metrics.write(self.last)
             self.bar.set_postfix(loss=f"{loss:.3f}", ips=f"{self.last['images_per_s']:.0f}")
             self._t0, self._n = time.perf_counter(), 0
@@ -319,6 +362,9 @@ class Stage2Trainer:
             return
         if self.streamed:
             sync_positions(self.data_state)  # collective: every rank's shard position
+        # collective: the run's bad-image count, so that a resumed run logs it on from there
+        self.data_state["skipped_global"] = self._skipped_base + global_figures(0.0, self.skipped_since_start(),
+                                                                                 self.di.device)[1]
         self.full = gather_full_state(self.net, self.optimizer) if self.fsdp else None  # collective
         rng = all_rng_states()  # collective: each rank resumes with its own generators
         if self.di.main:
@@ -328,12 +374,33 @@ class Stage2Trainer:
             self.full = None  # rank 0's CPU holds the gathered state only for the final model/
         barrier()
 
+    def training_record(self) -> dict:
+        """What the model card says about this run (llm2clip.hub); no paths, only file names."""
+        cfg, T, f = self.cfg, self.cfg.train, self.cfg.data.features
+        feats = None if f is None else (f"feature store `{Path(f.store).name}`" if f.store
+                                        else f"embedded in memory ({f.encoder.kind})")
+        return {"name": self.run_dir.resolve().name, "steps": T.steps, "batch_size": T.batch_size,
+                "lr": cfg.optim.lr, "precision": T.precision, "world_size": self.di.world, "seed": cfg.seed,
+                "data": {"train": describe_source(cfg.data.train), "val": describe_source(cfg.data.val),
+                         "caption_kinds": cfg.data.caption_kinds},
+                "features": feats, "final_loss": self.last.get("loss"),
+                "skipped_images": self.last.get("skipped_images"), "truncated_captions": self.truncated,
+                "final_eval": self.last.get("eval")}
+
     def finish(self) -> dict:
-        """The final model/ (gathered off the ranks under FSDP); returns the last metrics."""
+        """The final model/ (gathered off the ranks under FSDP) with config.json and its card (save_pretrained);
+        returns the last metrics."""
         if self.fsdp and self.full is None:
             self.full = gather_full_state(self.net, self.optimizer)
         if self.di.main:
-            save_model(self.net, self.run_dir / "model", self.full[0] if self.full else None)
+            out = self.run_dir / "model"
+            self.net.training_record = self.training_record()
+            if self.full:
+                save_model(self.net, out, self.full[0])
+                self.net.write_hub_config(out)
+                write_model_card(out)
+            else:
+                self.net.save_pretrained(out)
         return self.last
 
     # ------------------------------------------------------------------------------------ run
@@ -348,7 +415,13 @@ class Stage2Trainer:
         if di.main:
             write_json_atomic(self.run_dir / "config.json", cfg.model_dump(mode="json"))
         self.loaders()
-        self.metrics = _Metrics(self.run_dir / "metrics.jsonl" if di.main else None)
+        self.metrics = _Metrics(self.run_dir / "metrics.jsonl" if di.main else None,
+                                Tracker(cfg.logging, self.run_dir, cfg.model_dump(mode="json"), enabled=di.main))
+        self._skipped_start = self.data_state["skipped"]
+        # the run's count before this process (rank 0's own count in checkpoints written before it was kept)
+        self._skipped_base = int(self.data_state.get("skipped_global", self.data_state["skipped"]))
+        if self.truncated:
+            self.metrics.write({"step": self.step, "truncated_captions": self.truncated})
         p = self.progress
         self.bar = tqdm(total=T.steps, initial=self.step, unit="step", desc="stage 2",
                         disable=True if (not di.main or p is False) else (None if p is None else False))
