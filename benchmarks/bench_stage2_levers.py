@@ -8,6 +8,7 @@ AdamW and the scheduler, as ``llm2clip quickstart`` builds them (``pipeline/plan
     python benchmarks/bench_stage2_levers.py threads  # 2 processes x 1 thread against 1 process x 2 threads
     python benchmarks/bench_stage2_levers.py profile  # where one step's time goes (~30 steps)
     python benchmarks/bench_stage2_levers.py quality  # held-out dense R@1 of whole runs (slow: one run at a time)
+    python benchmarks/bench_stage2_levers.py clip-text  # the CLIP text tower: open_clip's forward vs length buckets
 
 ``shapes`` builds every case in one process (1 thread), then runs rounds; each round times every case
 in turn (a few warm-up steps, then a fixed number of timed steps) and the table gives the median
@@ -176,6 +177,49 @@ def cmd_shapes(args) -> None:
     for name, h in hs.items():
         print(f"| {name} | {h.params / 1e6:.2f} | {h.visual_params / 1e6:.2f} | {statistics.median(ips[name]):.0f} | "
               f"{', '.join(f'{x:.0f}' for x in ips[name])} | {statistics.median(ratios[name]):.2f}x |")
+
+
+# ---------------------------------------------------------------------------------------- clip-text
+def cmd_clip_text(args) -> None:
+    """The CLIP-text-tower variant's training step with open_clip's forward (every caption at 77 positions)
+    against the length-bucketed forward (llm2clip.text.clip_tower), at several dense shares; interleaved."""
+    import torch
+
+    from llm2clip.text.clip_tower import clip_text_forward
+
+    torch.set_num_threads(1)
+    vision = {"patch_size": 8, "width": 96}  # the preset's tower
+    hs = {}
+    for dense in args.dense:
+        for mode in ("open_clip", "buckets"):
+            cfg = run_config(args.store, vision, clip=True)
+            cfg["data"]["caption_kinds"] = {k: v for k, v in {"short": 1 - dense, "dense": dense}.items() if v > 0}
+            h = Harness(cfg)
+            tower = h.tr.net.text
+            tower.forward = ((lambda tokens, t=tower: t.transformer(tokens)) if mode == "open_clip"
+                             else (lambda tokens, t=tower: clip_text_forward(t.transformer, tokens)))
+            hs[(dense, mode)] = h
+    B = BASE["train"]["batch_size"]
+    ips: dict = {k: [] for k in hs}
+    loads = []
+    for r in range(args.rounds):
+        for k, h in hs.items():
+            h.steps(args.warmup)
+            ips[k].append(args.steps * B / h.steps(args.steps))
+        loads.append(load1())
+        print(f"round {r + 1}/{args.rounds} (load {loads[-1]:.2f}): "
+              + ", ".join(f"{d}/{m} {ips[(d, m)][-1]:.0f}" for d, m in hs), file=sys.stderr)
+    print(f"\n1 thread, batch {B}, tower patch 8 / width 96, CLIP text 77 tokens width 128 x 4 layers; {args.warmup} "
+          f"warm-up + {args.steps} timed steps per case per round, {args.rounds} rounds; 1-min load average per "
+          f"round: {', '.join(f'{x:.2f}' for x in loads)}\n")
+    print("| dense share | images/s, open_clip forward (median) | images/s, length buckets (median) "
+          "| buckets vs open_clip (median of per-round ratios) | per-round ratios |")
+    print("|---:|---:|---:|---:|---|")
+    for dense in args.dense:
+        a, b = ips[(dense, "open_clip")], ips[(dense, "buckets")]
+        rs = [y / x for x, y in zip(a, b)]
+        print(f"| {dense:g} | {statistics.median(a):.0f} | {statistics.median(b):.0f} | "
+              f"{statistics.median(rs):.2f}x | {', '.join(f'{x:.2f}' for x in rs)} |")
 
 
 # ------------------------------------------------------------------------------------------ threads
@@ -362,13 +406,18 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--settings", type=int, nargs="+", help="indices into SETTINGS (default all)")
     p.add_argument("--out-dir", default=str(ROOT / "runs" / "levers"))
+    p = sub.add_parser("clip-text", help="CLIP text tower: open_clip's forward against length buckets")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per case per round")
+    p.add_argument("--dense", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="dense-caption shares")
     p = sub.add_parser("_child")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--go", type=Path)
     p.add_argument("--seconds", type=float, default=20.0)
     args = ap.parse_args(argv)
     {"shapes": cmd_shapes, "threads": cmd_threads, "profile": cmd_profile, "quality": cmd_quality,
-     "_child": cmd_child}[args.cmd](args)
+     "clip-text": cmd_clip_text, "_child": cmd_child}[args.cmd](args)
     return 0
 
 
