@@ -214,22 +214,29 @@ def building_dir(out: str | Path, keep_existing: bool = False) -> Iterator[Path]
 
 # ------------------------------------------------------------------------------------------ images
 def image_errors() -> tuple[type[BaseException], ...]:
-    """What decoding a bad image file can raise: PIL uses many types, and a decompression bomb is one."""
+    """What decoding a bad image file can raise: PIL uses many types; a decompression bomb is one (its
+    warning too, where warnings are turned into errors)."""
     from PIL import Image
 
-    return (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+    return (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def open_image(source) -> Image.Image:  # noqa: F821 - PIL is imported lazily
     """An RGB image from a path, bytes or a binary file object, decoded now (a truncated file fails here).
 
-    Raises ``FileNotFoundError`` for a missing file and one of ``image_errors()`` for a bad one.
+    Raises ``FileNotFoundError`` for a missing file and one of ``image_errors()`` for a bad one. An image of
+    more pixels than PIL's limit (``Image.MAX_IMAGE_PIXELS``) is refused as a decompression bomb before
+    decoding: PIL itself only warns up to twice the limit and would decode it.
     """
     from PIL import Image
 
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(bytes(source))
     with Image.open(source) as im:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and im.width * im.height > limit:
+            raise Image.DecompressionBombError(f"image of {im.width}x{im.height} pixels exceeds the limit of "
+                                               f"{limit} pixels (PIL.Image.MAX_IMAGE_PIXELS): a decompression bomb?")
         im.load()
         return im.convert("RGB")
 

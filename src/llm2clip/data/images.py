@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,16 +139,39 @@ def _add(rec: Record, kind: str, cid: str, text: str | None) -> None:
     rec.captions.setdefault(kind, []).append(Caption(cid, text))
 
 
-def load_manifest(path: str | Path, image_root: str | Path | None = None) -> list[Record]:
+def image_path(root: Path, name: str, where: str, allow_absolute: bool = False) -> str:
+    """A manifest's image path joined to ``root``: a relative one whose ``..`` parts lead out of ``root`` is
+    refused, an absolute one unless allowed. Checked by the names alone (no file access, so cheap on
+    millions of rows); a symlink inside ``root`` may still point elsewhere, as the data's owner set it up."""
+    p = Path(name)
+    if p.is_absolute():
+        if not allow_absolute:
+            raise InputError(f"{where}: image path {name!r} is absolute; manifests name images relative to the "
+                             "image root (set allow_absolute_paths: true on the manifest source to allow it)")
+        return name
+    joined, base = os.path.abspath(root / p), os.path.abspath(root)
+    if os.path.commonpath([base, joined]) != base:
+        raise InputError(f"{where}: image path {name!r} leads outside the image root {str(root)!r}")
+    return str(root / p)
+
+
+def load_manifest(path: str | Path, image_root: str | Path | None = None,
+                  allow_absolute_paths: bool = False) -> list[Record]:
     """JSONL, one image per line: {"image": "a.jpg", "captions": [{"id": "c1", "kind": "dense", "text": "..."}]}
     (text optional); or CSV with columns image, caption_id, kind[, text], one caption per row, rows of an
-    image grouped by its path. Relative image paths are taken from ``image_root`` (default: the manifest's folder)."""
+    image grouped by its path. Relative image paths are taken from ``image_root`` (default: the manifest's
+    folder) and must stay inside it; absolute ones need ``allow_absolute_paths``."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: manifest not found")
     root = Path(image_root) if image_root else path.parent
-    fix = (lambda p: str(p if Path(p).is_absolute() else root / p))
     records: dict[str, Record] = {}
+
+    def record(name: str, ln: int) -> Record:  # the image's record; its path checked on first sight
+        if name not in records:
+            records[name] = Record(image_path(root, name, f"{path}:{ln}", allow_absolute_paths))
+        return records[name]
+
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -157,7 +181,7 @@ def load_manifest(path: str | Path, image_root: str | Path | None = None) -> lis
             for ln, row in enumerate(reader, 2):
                 if not row["image"] or not row["caption_id"] or not row["kind"]:
                     raise InputError(f"{path}:{ln}: image, caption_id and kind must be non-empty")
-                rec = records.setdefault(row["image"], Record(fix(row["image"])))
+                rec = record(row["image"], ln)
                 _add(rec, row["kind"], row["caption_id"], row.get("text") or None)
     else:
         for ln, row in read_jsonl(path):
@@ -166,7 +190,7 @@ def load_manifest(path: str | Path, image_root: str | Path | None = None) -> lis
             caps = row.get("captions")
             if not isinstance(caps, list) or not caps:
                 raise InputError(f"{path}:{ln}: field 'captions' must be a non-empty list")
-            rec = records.setdefault(row["image"], Record(fix(row["image"])))
+            rec = record(row["image"], ln)
             for c in caps:
                 if not isinstance(c, dict) or not isinstance(c.get("id"), str) or not isinstance(c.get("kind"), str):
                     raise InputError(f"{path}:{ln}: each caption needs string fields 'id' and 'kind'")

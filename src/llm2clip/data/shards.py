@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -353,11 +354,15 @@ def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _image_bytes(image, load_image) -> tuple[bytes, str]:
-    """(bytes, extension): a file of a webdataset image type as it is, anything else re-encoded as PNG."""
+    """(bytes, extension): a file of a webdataset image type as it is, anything else re-encoded as PNG.
+    Either way the image is decoded first (within PIL's pixel limit), so nothing the trainer cannot read
+    is packed: a bad file raises one of ``_DECODE_ERRORS``."""
     if load_image is None and isinstance(image, (str, Path)):
         ext = Path(image).suffix.lower().lstrip(".")
         if ext in IMAGE_EXTS:
-            return Path(image).read_bytes(), ext
+            data = Path(image).read_bytes()
+            decode_image(data)
+            return data, ext
         im = open_image(image)
     elif load_image is None:
         raise InputError(f"record image {image!r} is not a file path; pass load_image")
@@ -366,6 +371,14 @@ def _image_bytes(image, load_image) -> tuple[bytes, str]:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue(), "png"
+
+
+def _why(err: BaseException) -> str:
+    """Why an image was left out, in one line."""
+    if isinstance(err, FileNotFoundError):
+        return "missing file"
+    text = re.sub(r" ?<[^<>]* at 0x[0-9a-f]+>", "", " ".join(str(err).split())) or "unreadable"  # no addresses
+    return f"{type(err).__name__}: {text}"[:200]
 
 
 def _sample_json(rec: Record) -> bytes:
@@ -387,9 +400,10 @@ def write_shards(records: Sequence[Record], out_dir: str | Path, per_shard: int 
                  load_image: Callable | None = None, overwrite: bool = False, progress: bool | None = None) -> dict:
     """Write ``records`` as webdataset tar shards ``<prefix>-000000.tar``, ... plus ``shards.json`` into ``out_dir``.
 
-    Image files of type jpg/jpeg/png/webp are stored byte for byte (a corrupt one is left for the
-    trainer to skip and count); other files and ``load_image(record.image)`` results are stored as PNG.
-    A missing or unreadable file leaves its sample out (counted in the result). Shards are written
+    Image files of type jpg/jpeg/png/webp are stored byte for byte once they decode; other files and
+    ``load_image(record.image)`` results are stored as PNG. A missing file, one that does not decode
+    (empty, not an image, truncated) or one over PIL's pixel limit (a decompression bomb) leaves its
+    sample out: ``left_out`` counts them and ``left_out_images`` lists each with the reason. Shards are written
     into ``.<out>.partial`` next to ``out_dir``, each atomically; a rerun with the same records keeps
     the finished ones; the folder takes its final name only when complete.
     """
@@ -405,13 +419,16 @@ def write_shards(records: Sequence[Record], out_dir: str | Path, per_shard: int 
     # a partial folder of a run over other records is cleared: start over
     job.open({"fingerprint": _fingerprint(records, per_shard, prefix)}, restart=True)
 
-    shards, missing = [], []
+    shards, left_out = [], []
     n_shards = -(-len(records) // per_shard)
     for s in tqdm(range(n_shards), desc="shards", unit="shard", disable=True if progress is False else None):
         name = f"{prefix}-{s:06d}.tar"
         chunk = records[s * per_shard : (s + 1) * per_shard]
         if job.has_part(name):  # finished by an earlier run (written atomically)
-            shards.append({"url": name, "nsamples": len(index_shard(job.part(name)))})
+            keys = {key for key, _ in index_shard(job.part(name))}
+            left_out.extend({"image": str(rec.image), "why": "left out by the earlier, interrupted run"}
+                            for j, rec in enumerate(chunk) if f"{s * per_shard + j:09d}" not in keys)
+            shards.append({"url": name, "nsamples": len(keys)})
             continue
         counted = [0]
 
@@ -420,8 +437,8 @@ def write_shards(records: Sequence[Record], out_dir: str | Path, per_shard: int 
                 for j, rec in enumerate(chunk):
                     try:
                         data, ext = _image_bytes(rec.image, load_image)
-                    except _DECODE_ERRORS:
-                        missing.append(str(rec.image))
+                    except _DECODE_ERRORS as err:
+                        left_out.append({"image": str(rec.image), "why": _why(err)})
                         continue
                     key = f"{s * per_shard + j:09d}"
                     _tar_add(tf, f"{key}.{ext}", data)
@@ -431,10 +448,12 @@ def write_shards(records: Sequence[Record], out_dir: str | Path, per_shard: int 
         job.write_part_with(name, write_tar)
         shards.append({"url": name, "nsamples": counted[0]})
     total = sum(s["nsamples"] for s in shards)
-    index = {"format": SHARDS_FORMAT, "shards": shards, "samples": total, "left_out": len(records) - total}
+    index = {"format": SHARDS_FORMAT, "shards": shards, "samples": total, "left_out": len(records) - total,
+             "left_out_images": left_out}
     job.complete(json.dumps(index, indent=1).encode())
     publish_dir(job.folder, out)  # with overwrite, the old folder is swapped aside, then removed
-    if index["left_out"]:
-        log.warning("%d image(s) missing or unreadable were left out%s", index["left_out"],
-                    f", e.g. {missing[0]}" if missing else "")
-    return {**index, "out": str(out), "left_out_images": missing[:100]}
+    if left_out:
+        shown = "; ".join(f"{e['image']} ({e['why']})" for e in left_out[:5])
+        log.warning("%d image(s) missing or unreadable were left out (all listed in %s): %s%s", len(left_out),
+                    out / SHARDS_MANIFEST, shown, " ..." if len(left_out) > 5 else "")
+    return {**index, "out": str(out)}

@@ -39,7 +39,9 @@ class ManifestSource(StrictModel):
 
     kind: Literal["manifest"] = "manifest"
     path: str
-    image_root: str | None = None
+    image_root: str | None = Field(None, description="base of relative image paths (default: the manifest's "
+                                   "folder); a path leading out of it is refused")
+    allow_absolute_paths: bool = Field(False, description="accept absolute image paths in the manifest")
 
     def resolve_paths(self, base: Path) -> None:
         self.path = _rel(self.path, base)
