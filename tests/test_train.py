@@ -255,3 +255,66 @@ def test_train_resumes_by_default_and_no_resume_starts_over(tmp_path):
     assert train("--steps", "4") == ([1, 2, 3, 4], ["step_00000002", "step_00000004"])  # continued at 3
     # starting over clears the old run's checkpoints: its step 4 would outrank the new step 2
     assert train("--steps", "2", "--no-resume") == ([1, 2], ["step_00000002"])
+
+
+# ------------------------------------------------------------------ figures of multi-process runs
+def test_global_figures_of_one_process_are_its_own():
+    from llm2clip.train.loop import global_figures
+
+    assert global_figures(1.25, 3, torch.device("cpu")) == (1.25, 3)
+
+
+@pytest.mark.slow
+def test_two_processes_log_the_runs_loss_and_bad_image_count(tmp_path):
+    """Loss: the mean over ranks (the global batch's loss); bad images: summed over ranks. Both equal
+    those of one process drawing the same global batches."""
+    from stage2_helpers import write_scene_manifest
+
+    manifest = write_scene_manifest(tmp_path / "data", 24, corrupt=(1, 4, 9, 14, 19, 22))
+    over = dict(train__steps=3, train__eval_every=0, data__val=None,
+                data__train={"kind": "manifest", "path": str(manifest)}, data__max_bad_fraction=0.5)
+    fit(_cfg(tmp_path / "one", **over), progress=False)
+    mp.spawn(fit_worker, args=(2, free_port(), tiny_run_config(tmp_path / "two", **over)), nprocs=2, join=True)
+    rows = {n: [json.loads(ln) for ln in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("one", "two")}
+    assert [r["step"] for r in rows["two"]] == [1, 2, 3]
+    for a, b in zip(rows["one"], rows["two"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["skipped_images"] == a["skipped_images"]
+    assert rows["two"][-1]["skipped_images"] > 0
+
+
+def test_truncated_captions_of_the_store_are_warned_about_and_recorded(tmp_path, caplog):
+    store_mod = pytest.importorskip("llm2clip.features.store")
+    from llm2clip.data.images import BagOfWordsConfig, BagOfWordsEncoder, caption_texts
+    from llm2clip.train.loop import build_source
+
+    cfg = _cfg(tmp_path / "run", train__steps=1)
+    caps = {}
+    for src in (cfg.data.train, cfg.data.val):
+        caps.update(caption_texts(build_source(src)[0]))
+    enc = BagOfWordsEncoder(BagOfWordsConfig(dim=24))
+    store_mod.write_store(tmp_path / "store", list(caps), enc.encode(list(caps.values())).numpy(),
+                          identity=enc.identity())
+    mf = tmp_path / "store" / "manifest.json"
+    mf.write_text(json.dumps({**json.loads(mf.read_text()), "truncated_captions": 5}))  # as newer stores record
+    cfg = _cfg(tmp_path / "run", train__steps=1, data__features={"store": str(tmp_path / "store")})
+    with caplog.at_level("WARNING", logger="llm2clip.train.loop"):
+        fit(cfg, progress=False)
+    assert sum("5 caption(s) truncated" in r.getMessage() for r in caplog.records) == 1
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {"step": 0, "truncated_captions": 5}
+    assert json.loads((tmp_path / "run" / "model" / "llm2clip_model.json").read_text())["training"][
+        "truncated_captions"] == 5
+
+
+def test_a_resumed_run_logs_the_bad_image_count_of_the_whole_run(tmp_path):
+    from stage2_helpers import write_scene_manifest
+
+    manifest = write_scene_manifest(tmp_path / "data", 24, corrupt=(1, 4, 9, 14, 19, 22))
+    over = dict(train__steps=4, train__checkpoint_every=1, data__val=None, data__max_bad_fraction=0.5,
+                data__train={"kind": "manifest", "path": str(manifest)})
+    full = fit(_cfg(tmp_path / "full", **over), progress=False)
+    with pytest.raises(SimulatedCrash):
+        fit(_cfg(tmp_path / "cut", **over), progress=False, callbacks=[CrashAt(2)])
+    assert fit(_cfg(tmp_path / "cut", **over), progress=False)["skipped_images"] == full["skipped_images"] > 0
