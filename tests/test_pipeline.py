@@ -11,6 +11,7 @@ import torch
 
 from llm2clip.cli import main
 from llm2clip.errors import ConfigError
+from llm2clip.eval.paired import format_interval
 from llm2clip.pipeline import build_stages, load_pipeline_config, preset_path, run_pipeline
 from llm2clip.pipeline import stages as S
 from llm2clip.pipeline.config import variant_run
@@ -89,6 +90,11 @@ def test_rerun_skips_finished_stages(smoke_run, capsys):
     out = capsys.readouterr().out
     assert "finished before, skipped: data, stage1/llm-cc, stage1/llm-cc-bidir, embed/llm-raw" in out
     assert "[run 1/" not in out
+    claims = json.loads((smoke_run / "report" / "results.json").read_text())["claims"]
+    for c in claims:  # the console shows each verdict with the numbers behind it
+        assert f"  {c['verdict']}: {c['claim']}" in out
+        for x in c["comparisons"]:
+            assert f"{x['a']} − {x['b']}, {x['kind']} R@1: {format_interval(x)} ({x['verdict']})" in out
     assert {p: _lines(p) for p in before} == before and _lines(smoke_run / "stage1" / "llm-cc" / "metrics.jsonl") == st1
 
 

@@ -415,7 +415,11 @@ def write_report(cfg: PipelineConfig, manifest: dict, config_source: str = "", o
               "versions": vers, "eval": ev, "stage1": st1, "config": cfg.model_dump(mode="json"), "plots": plots}
     write_json_atomic(rep / "results.json", result)
     print("\n" + table + "\n", file=out)
+    from ..eval.paired import format_interval
+
     for c in claims:
         print(f"  {c['verdict']}: {c['claim']}", file=out)
+        for x in c["comparisons"]:  # the numbers behind the verdict: difference [95 % interval]
+            print(f"      {x['a']} − {x['b']}, {x['kind']} R@1: {format_interval(x)} ({x['verdict']})", file=out)
     print(f"\nreport: {rep / 'report.md'}", file=out, flush=True)
     return result
