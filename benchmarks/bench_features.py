@@ -6,8 +6,11 @@ Measures, on SmolLM2-135M-Instruct and real CuPL captions:
   1. extraction captions/s of the job (fp32 and bf16 compute) against a naive loop that embeds one
      caption at a time and appends raw float32 bytes to a tar, as the official sidecars do;
   2. bytes per caption on disk: the store (fp16 / bf16 / fp32) against the tar of raw fp32 vectors;
-  3. random-access reads (batches of 256 random ids) from the store against per-sample tar members.
+  3. random-access reads (batches of 256 random ids) from the store against per-sample tar members;
+  4. what checking reads costs (each file's sha256 and each shard's identity record, once per process):
+     reads with against without the check, in interleaved rounds, median of the per-round ratios.
 Prints a Markdown table of medians over repeats. Timings on a shared machine swing: read ratios.
+``--verify-only`` runs part 4 alone (no model needed).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -28,6 +32,7 @@ import torch
 
 from llm2clip.data.captions import cupl_caption_set
 from llm2clip.features import FeatureStore, write_store
+from llm2clip.features import store as store_mod
 from llm2clip.features.extract import EmbedConfig, run_embedding
 from llm2clip.text import CaptionEncoder, LLMEncoderConfig
 
@@ -65,13 +70,79 @@ def main() -> None:
     ap.add_argument("--read-rows", type=int, default=20000, help="rows in the random-read test (default 20000)")
     ap.add_argument("--read-batches", type=int, default=30, help="random batches of 256 per read timing")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
+    ap.add_argument("--verify-only", action="store_true", help="only the cost of checked reads (part 4)")
+    ap.add_argument("--verify-rounds", type=int, default=7, help="interleaved rounds of part 4 (default 7)")
+    ap.add_argument("--verify-dim", type=int, default=576, help="vector width in part 4 (default 576, SmolLM2)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-features-"))
     try:
-        run(args, tmp)
+        if not args.verify_only:
+            run(args, tmp)
+        verify_cost(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def verify_cost(args, tmp: Path) -> None:
+    """Reads of a fresh store with the per-process check (sha256 + identity record of each file on first
+    read) against the same reads with it off, in interleaved rounds (the order alternates)."""
+    m, dim = args.read_rows, args.verify_dim
+    rng = np.random.default_rng(3)
+    keys = [f"sample{i:08d}" for i in range(m)]
+    vecs = rng.standard_normal((m, dim)).astype(np.float32)
+    path = write_store(tmp / "verify-store", keys, vecs, identity={"base_model": "bench", "dim": dim},
+                       dtype="float16", shard_size=4096).path
+    size = FeatureStore.open(path).disk_bytes()
+    first = [keys[j] for j in rng.integers(0, m, 256)]
+    epoch = [[keys[j] for j in part] for part in np.array_split(rng.permutation(m), -(-m // 256))]
+    singles = [[keys[j]] for j in rng.permutation(m)[:5000]]
+    workloads = {"first batch of 256 ids, fresh store": [first],
+                 f"all {m} rows once, batches of 256 ids": epoch,
+                 "5000 single-id reads (as the training dataset reads)": singles}
+
+    def timed(batches, verify: bool) -> float:
+        store_mod._VERIFIED.clear()  # as in a new process
+        t = time.perf_counter()
+        store = FeatureStore.open(path, verify_reads=verify)
+        for b in batches:
+            store.get_by_ids(b)
+        return time.perf_counter() - t
+
+    load_before = load()
+    ratios = {w: [] for w in workloads}
+    secs = {w: {True: [], False: []} for w in workloads}
+    for r in range(args.verify_rounds):
+        for w, batches in workloads.items():
+            for verify in ((False, True) if r % 2 == 0 else (True, False)):
+                secs[w][verify].append(timed(batches, verify))
+            ratios[w].append(secs[w][True][-1] / secs[w][False][-1])
+    load_after = load()
+    lines = [
+        "",
+        f"Checked reads: a {m}-row {dim}-d fp16 store, {size / 2**20:.1f} MiB in "
+        f"{len(FeatureStore.open(path).manifest['shards'])} shards, in the page cache; {args.verify_rounds} "
+        f"interleaved rounds; load average (1/5/15 min) {load_before} before, {load_after} after.",
+        "",
+        "| workload | unchecked (s, median) | checked (s, median) | checked / unchecked (median of rounds) | "
+        "range of rounds |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for w in workloads:
+        q = ratios[w]
+        lines.append(f"| {w} | {statistics.median(secs[w][False]):.4f} | {statistics.median(secs[w][True]):.4f} | "
+                     f"{statistics.median(q):.2f}x | {min(q):.2f}-{max(q):.2f} |")
+    full = f"all {m} rows once, batches of 256 ids"
+    extra = statistics.median(secs[full][True]) - statistics.median(secs[full][False])
+    rate = size / 2**20 / max(extra, 1e-9)
+    lines += ["", f"The check adds {extra * 1e3:.0f} ms to reading every row once ({rate:.0f} MiB/s of store "
+              "hashed), once per process and file."]
+    print("\n".join(lines))
+    log(f"checked-read ratios: { {w: round(statistics.median(q), 3) for w, q in ratios.items()} }")
 
 
 def run(args, tmp: Path) -> None:

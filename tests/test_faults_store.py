@@ -159,7 +159,9 @@ def test_a_shard_without_a_record_in_a_new_store_is_refused(two_stores):
 
 
 # ------------------------------------------------------------------------------------ truncation
-def test_embedding_counts_truncated_captions_and_warns_once(tmp_path, tiny_llm_dir, caplog):
+def test_embedding_counts_truncated_captions_and_warns_once(tmp_path, tiny_llm_dir, caplog, capsys):
+    from llm2clip.features.cli import main as features_main
+
     cfg = LLMEncoderConfig(model=str(tiny_llm_dir), max_length=16, batch_size=2)
     encoder = CaptionEncoder.from_config(cfg)
     words = "red cube left of blue ball small green cone".split()
@@ -176,6 +178,9 @@ def test_embedding_counts_truncated_captions_and_warns_once(tmp_path, tiny_llm_d
     assert m["truncated_captions"] == expect and m["max_length"] == 16
     warned = [r for r in caplog.records if "truncated" in r.getMessage() or "were cut" in r.getMessage()]
     assert len(warned) == 1 and f"{expect} of 40" in warned[0].getMessage()
+    capsys.readouterr()
+    assert features_main(["features", "info", str(tmp_path / "store")]) == 0
+    assert f"truncated:  {expect} of 40 unique captions cut at max_length 16" in capsys.readouterr().out
 
 
 def test_no_truncation_records_zero(tmp_path):

@@ -54,8 +54,10 @@ def add_commands(sub) -> None:
     v = fsub.add_parser(
         "verify",
         help="recompute every checksum and shape",
-        description=("Read every shard and key file of the store, compare its sha256 and shape with the manifest, "
-                     "and optionally the encoder identity with an expected one. Exit 0 when all match."),
+        description=("Read every shard and key file of the store, compare its sha256 and shape with the manifest "
+                     "and each shard's identity record with the manifest's identity, and optionally that identity "
+                     "with an expected one. Exit 0 when all match. (Reads check each file they touch, once per "
+                     "process, as well.)"),
     )
     v.add_argument("dir", type=Path, metavar="DIR", help="store directory")
     v.add_argument("--identity", type=Path, metavar="JSON",
@@ -116,7 +118,8 @@ def _run_info(args) -> int:
     info = {"path": str(store.path), "rows": len(store), "ids": store.num_ids, "dim": store.dim,
             "dtype": store.dtype, "shards": len(m["shards"]), "shard_size": m["shard_size"], "bytes": size,
             "bytes_per_id": round(size / max(store.num_ids, 1), 1), "identity": store.identity,
-            "captions": m.get("captions")}
+            "captions": m.get("captions"), "truncated_captions": m.get("truncated_captions"),
+            "max_length": m.get("max_length")}
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -124,6 +127,9 @@ def _run_info(args) -> int:
     print(f"captions:   {info['ids']} ids -> {info['rows']} unique rows")
     print(f"vectors:    {info['dim']}-d {info['dtype']}, {info['shards']} shard(s) of {info['shard_size']} rows")
     print(f"size:       {size / 2**20:.2f} MiB ({info['bytes_per_id']} bytes per caption)")
+    if info["truncated_captions"] is not None and info["max_length"] is not None:
+        print(f"truncated:  {info['truncated_captions']} of {info['rows']} unique captions cut at max_length "
+              f"{info['max_length']}")
     print("encoder:")
     for k, val in store.identity.items():
         print(f"  {k}: {val!r}")
