@@ -73,6 +73,27 @@ def test_shards_leave_out_what_does_not_decode_and_say_why(tmp_path, low_pixel_l
     assert packed.count("png") == 3
 
 
+def test_a_resumed_packing_still_says_why_each_image_was_left_out(tmp_path):
+    from llm2clip.data.images import load_image_file
+
+    img = tmp_path / "images"
+    img.mkdir()
+    for i in range(4):
+        (img / f"im{i}.png").write_bytes(_png(12) if i != 1 else b"")
+    records = load_manifest(_manifest(img, [f"im{i}.png" for i in range(4)]))
+
+    def dies_on_im3(path):
+        if path.endswith("im3.png"):
+            raise KeyboardInterrupt
+        return load_image_file(path)
+
+    with pytest.raises(KeyboardInterrupt):  # killed after the first shard (im0, im1) was written
+        write_shards(records, tmp_path / "shards", per_shard=2, load_image=dies_on_im3, progress=False)
+    out = write_shards(records, tmp_path / "shards", per_shard=2, load_image=load_image_file, progress=False)
+    assert out["samples"] == 3 and [e["image"].rsplit("/", 1)[-1] for e in out["left_out_images"]] == ["im1.png"]
+    assert "UnidentifiedImageError" in out["left_out_images"][0]["why"]
+
+
 # ------------------------------------------------------------------------------ 8: bombs
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_open_image_refuses_an_image_over_the_pixel_limit(low_pixel_limit):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -193,3 +194,36 @@ def test_no_truncation_records_zero(tmp_path):
     run_embedding(run)
     m = FeatureStore.open(tmp_path / "store").manifest
     assert m["truncated_captions"] == 0 and m["max_length"] is None
+
+
+class _TokenizerEncoder:
+    """A stand-in for a tokenizer-based encoder that does not count truncation itself (the sentence encoder)."""
+
+    dim = 4
+
+    config = SimpleNamespace(max_length=3)
+
+    @staticmethod
+    def tokenizer(texts):
+        return {"input_ids": [t.split() for t in texts]}
+
+    def identity(self):
+        return {"base_model": "words", "max_length": 3, "dim": 4}
+
+    def encode(self, captions, batch_size=None, progress=None):
+        import torch
+
+        return torch.ones(len(captions), 4)
+
+
+def test_truncation_of_an_encoder_without_its_own_count_is_asked_of_its_tokenizer(tmp_path):
+    from llm2clip.text import RandomEncoderConfig
+
+    texts = ["one two", "one two three", "one two three four", "a b c d e f"]
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("".join(json.dumps({"id": f"c{i}", "caption": t}) + "\n" for i, t in enumerate(texts)))
+    run = EmbedConfig(encoder=RandomEncoderConfig(dim=4).model_dump(), captions=[str(caps)],
+                      out=str(tmp_path / "store"), shard_size=3, progress=False)
+    run_embedding(run, encoder=_TokenizerEncoder())
+    m = FeatureStore.open(tmp_path / "store").manifest
+    assert m["truncated_captions"] == 2 and m["max_length"] == 3

@@ -373,6 +373,15 @@ def _image_bytes(image, load_image) -> tuple[bytes, str]:
     return buf.getvalue(), "png"
 
 
+def _why_unreadable(image, load_image) -> str:
+    """Why an earlier, interrupted run left ``image`` out: decoded again to say."""
+    try:
+        _image_bytes(image, load_image)
+    except _DECODE_ERRORS as err:
+        return _why(err)
+    return "unreadable when an earlier run packed its shard; readable now (rerun with --overwrite to include it)"
+
+
 def _why(err: BaseException) -> str:
     """Why an image was left out, in one line."""
     if isinstance(err, FileNotFoundError):
@@ -426,7 +435,7 @@ def write_shards(records: Sequence[Record], out_dir: str | Path, per_shard: int 
         chunk = records[s * per_shard : (s + 1) * per_shard]
         if job.has_part(name):  # finished by an earlier run (written atomically)
             keys = {key for key, _ in index_shard(job.part(name))}
-            left_out.extend({"image": str(rec.image), "why": "left out by the earlier, interrupted run"}
+            left_out.extend({"image": str(rec.image), "why": _why_unreadable(rec.image, load_image)}
                             for j, rec in enumerate(chunk) if f"{s * per_shard + j:09d}" not in keys)
             shards.append({"url": name, "nsamples": len(keys)})
             continue
