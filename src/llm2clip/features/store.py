@@ -2,7 +2,8 @@
 
 Layout of a finished store (readable with numpy alone, no llm2clip needed)::
 
-    manifest.json          format, encoder identity, dim, dtype, row/id counts, per-shard sha256
+    manifest.json          format, encoder identity, dim, dtype, row/id counts, per-shard sha256; from
+                           the embed job also truncated_captions (cut at max_length) and max_length
     shard-00000.npy ...    [rows, dim] arrays; row r lives in shard r // shard_size, at r % shard_size;
                            after the array data, a one-line record of the encoder identity it was written
                            under (``np.load`` ignores bytes past the array)
