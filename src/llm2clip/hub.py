@@ -229,11 +229,15 @@ def encoder_card(mf: dict, summary: dict | None = None, config: dict | None = No
             ["data", ", ".join(x for x in [
                 "CuPL training classes" if (config.get("data") or {}).get("cupl_train") else "",
                 *(Path(p).name for p in (config.get("data") or {}).get("groups", []))] if x) or "?"]]
-    results = {k: v for k, v in (summary or {}).items() if k not in ("step",) and isinstance(v, (int, float))}
+    summary = dict(summary or {})
+    if summary.get("train_s") is not None:
+        rows.append(["training time (s)", _fmt(summary.pop("train_s"))])
+    results = {k: v for k, v in summary.items() if k != "step" and isinstance(v, (int, float))}
+    name = base if base is None or looks_like_hub_id(str(base)) else Path(str(base)).name  # no local path
     parts = [
         _front_matter(["caption-encoder", "llm2clip-stage1"], "feature-extraction", base),
         f"# {title}\n",
-        f"Stage 1 of [LLM2CLIP]({PAPER}): `{base}` fine-tuned (LoRA, merged) so that its pooled hidden states "
+        f"Stage 1 of [LLM2CLIP]({PAPER}): `{name}` fine-tuned (LoRA, merged) so that its pooled hidden states "
         "tell captions apart. Stage-2 models trained on its embeddings pin the identity below.\n",
         "```python\nfrom llm2clip.text.encoder import CaptionEncoder\n"
         "enc = CaptionEncoder.from_pretrained(\"path/to/this/folder\")\nemb = enc.encode([\"a caption\"])\n```\n",
