@@ -270,3 +270,84 @@ def test_missing_paths_are_named(tmp_path):
         make(tmp_path / "empty")
     with pytest.raises(ConfigError, match="GGUF file not found"):
         make(tmp_path / "x.gguf")
+
+
+# ----------------------------------------------------------------------------- loading dtype, weight hash
+def _old_weight_hash(module) -> str:
+    """The hash as it was before half-precision models were hashed chunk by chunk (fp32 models must keep it)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_bf16_encoder_is_loaded_and_hashed_in_bf16(tiny_llm_dir, monkeypatch):
+    # An 8B encoder loaded in fp32 then cast holds 32 GB per process: the weights must arrive in bf16.
+    from llm2clip.text import encoder as encoder_mod
+
+    seen = {}
+    real_load, real_hash = encoder_mod.load_base_model, encoder_mod.weight_hash
+
+    def load(*a, **kw):
+        seen["load"] = kw.get("dtype")
+        return real_load(*a, **kw)
+
+    def hash_(model):
+        seen["hash"] = {p.dtype for p in model.parameters()}
+        return real_hash(model)
+
+    monkeypatch.setattr(encoder_mod, "load_base_model", load)
+    monkeypatch.setattr(encoder_mod, "weight_hash", hash_)
+    bf16 = make(tiny_llm_dir, dtype="bfloat16")
+    assert seen == {"load": torch.bfloat16, "hash": {torch.bfloat16}}
+    fp32 = make(tiny_llm_dir)
+    assert seen == {"load": torch.float32, "hash": {torch.float32}}
+    # the tiny model is saved in fp32, so its bf16 load has other values: another identity
+    assert bf16.identity()["weight_hash"] != fp32.identity()["weight_hash"]
+
+
+def test_weight_hash_of_fp32_is_unchanged_and_bf16_hashes_as_its_fp32_values():
+    from llm2clip.text.loading import weight_hash
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.LayerNorm(6), torch.nn.Embedding(5, 3))
+    m.register_buffer("steps", torch.arange(4))
+    assert weight_hash(m) == _old_weight_hash(m)
+    half = m.to(torch.bfloat16)
+    up = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.LayerNorm(6), torch.nn.Embedding(5, 3))
+    up.register_buffer("steps", torch.arange(4))
+    up.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.state_dict().items()})
+    assert weight_hash(half) == weight_hash(up) == _old_weight_hash(up)
+    with torch.no_grad():
+        half[0].weight[0, 0] += 1
+    assert weight_hash(half) != weight_hash(up)
+
+
+def test_weight_hash_never_copies_a_whole_half_precision_tensor(monkeypatch):
+    # Every tensor the hash makes is watched: none may be an fp32 (or any) copy larger than one chunk.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llm2clip.text import loading
+
+    monkeypatch.setattr(loading, "HASH_CHUNK", 1000)
+    biggest = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in owned:
+                    biggest.append(t.untyped_storage().nbytes())
+            return out
+
+    model = torch.nn.Linear(300, 200).to(torch.bfloat16)  # 60,000 values: 60 chunks
+    owned = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    with Watch():
+        digest = loading.weight_hash(model)
+    assert max(biggest) <= 1000 * 4  # one chunk in fp32
+    monkeypatch.setattr(loading, "HASH_CHUNK", 1 << 22)
+    assert loading.weight_hash(model) == digest  # chunking does not change the hash

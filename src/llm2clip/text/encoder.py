@@ -87,11 +87,13 @@ class CaptionEncoder:
         base_identity = json.loads(manifest.read_text())["identity"] if manifest.is_file() else None
         tokenizer = load_tokenizer(source)
         lm = None
+        # loaded in the dtype asked for: an 8B model never passes through a 32 GB fp32 copy
+        dtype = DTYPES[config.dtype]
         if with_lm_head:
-            lm = load_base_model(source, causal_lm=True, attn_implementation=config.attn_implementation)
+            lm = load_base_model(source, causal_lm=True, attn_implementation=config.attn_implementation, dtype=dtype)
             model = lm.get_decoder()
         else:
-            model = load_base_model(source, attn_implementation=config.attn_implementation)
+            model = load_base_model(source, attn_implementation=config.attn_implementation, dtype=dtype)
         if config.adapters:
             model = merge_adapters(model, config.adapters)
             if lm is not None:

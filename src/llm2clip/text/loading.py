@@ -75,13 +75,26 @@ def resolve_source(model: str, gguf_file: str | None = None) -> LLMSource:
     return LLMSource(resolved, model)  # a hub id: loads where a hub or its cache is reachable
 
 
+# Elements converted at a time when hashing a half-precision tensor (16 MiB in fp32): the 8B encoder's
+# largest tensor (the embeddings, 0.5 B values) is never copied whole.
+HASH_CHUNK = 1 << 22
+
+
 def weight_hash(module: torch.nn.Module) -> str:
-    """A content hash of every parameter and buffer (names, dtypes, shapes and bytes)."""
+    """A content hash of every parameter and buffer (names, dtypes, shapes and values).
+
+    bf16 and fp16 values are hashed as the float32 values they equal exactly, a chunk at a time, so a
+    model loaded in bf16 from bf16 weights hashes as it did loaded in fp32, and hashing never holds more
+    than one chunk beside the model. fp32 and integer tensors are hashed in place, without a copy.
+    """
     h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(module.state_dict().items()):
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        as_dtype = torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
+        h.update(f"{name}:{as_dtype}:{tuple(t.shape)};".encode())
+        flat = t.detach().reshape(-1)
+        for i in range(0, flat.numel(), HASH_CHUNK):
+            part = flat[i:i + HASH_CHUNK].to(device="cpu", dtype=as_dtype).contiguous()
+            h.update(part.view(torch.uint8).numpy())
     return h.hexdigest()
 
 
