@@ -72,3 +72,17 @@ def test_other_kinds_fall_back_to_open_clip(kw):
     assert not bucketable(tt)
     tokens = _tokens(MIXED)
     torch.testing.assert_close(clip_text_forward(tt, tokens), tt(tokens))
+
+
+def test_model_clip_text_tower_uses_buckets_on_real_captions():
+    """The stage-2 model's CLIP text side on scene captions (open_clip's tokenizer) equals open_clip's forward."""
+    from llm2clip.data.scenes import make_scene
+    from llm2clip.model import ClipTextConfig, ClipTextTower
+
+    torch.manual_seed(0)
+    tower = ClipTextTower(ClipTextConfig(context_length=77, width=32, heads=4, layers=2), out_dim=16)
+    caps = [make_scene(0, i).captions()[k] for i in range(6) for k in ("short", "dense")]
+    tokens = tower.tokenize(caps)
+    lengths = tokens.argmax(-1) + 1
+    assert lengths.min() < 20 and lengths.max() == 77  # both buckets occur
+    torch.testing.assert_close(tower(tokens), tower.transformer(tokens), atol=1e-5, rtol=1e-5)

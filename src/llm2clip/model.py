@@ -161,7 +161,9 @@ class ClipTextTower(nn.Module):
         return self.tokenizer(list(captions))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.transformer(tokens)
+        from .text.clip_tower import clip_text_forward
+
+        return clip_text_forward(self.transformer, tokens)  # per length bucket: same features, fewer positions
 
 
 # ----------------------------------------------------------------------------------- identity
