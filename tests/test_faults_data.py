@@ -184,3 +184,20 @@ def test_training_refuses_a_manifest_row_outside_the_root(tmp_path):
     manifest.write_text("\n".join(rows) + "\n")
     with pytest.raises(InputError, match=r"manifest.jsonl:6: image path '../outside.png' leads outside"):
         _fit_over(tmp_path, {"kind": "manifest", "path": str(manifest)})
+
+
+def test_shards_command_prints_what_it_left_out_and_takes_absolute_paths_only_when_allowed(tmp_path, capsys):
+    from llm2clip.cli import main
+
+    img = tmp_path / "images"
+    img.mkdir()
+    (img / "ok.png").write_bytes(_png(24))
+    (img / "text.jpg").write_bytes(b"this is not an image\n")
+    manifest = _manifest(img, ["ok.png", "text.jpg", str((img / "ok.png").absolute())])
+    assert main(["shards", str(manifest), "--out", str(tmp_path / "s1")]) == 2  # the absolute row is refused
+    assert "m.jsonl:3" in capsys.readouterr().err
+    assert main(["shards", str(manifest), "--out", str(tmp_path / "s2"), "--allow-absolute-paths"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["samples"] == 2 and out["left_out"] == 1
+    (left,) = out["left_out_images"]
+    assert left["image"].endswith("text.jpg") and left["why"]

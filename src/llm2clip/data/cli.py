@@ -30,6 +30,8 @@ def add_commands(sub) -> None:
     p.add_argument("manifest", type=Path, metavar="MANIFEST", help="JSONL or CSV manifest")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to create")
     p.add_argument("--image-root", type=Path, help="base of relative image paths (default: the manifest's folder)")
+    p.add_argument("--allow-absolute-paths", action="store_true",
+                   help="accept absolute image paths in the manifest (relative ones must stay inside the image root)")
     p.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--prefix", default="train", help="shard name prefix (default train)")
     p.add_argument("--overwrite", action="store_true",
@@ -42,7 +44,9 @@ def run_shards(args) -> int:
     from .images import load_manifest
     from .shards import write_shards
 
-    out = write_shards(load_manifest(args.manifest, args.image_root), args.out, per_shard=args.per_shard,
-                       prefix=args.prefix, overwrite=args.overwrite, progress=False if args.no_progress else None)
-    print(json.dumps({k: out[k] for k in ("out", "samples", "left_out")} | {"shards": len(out["shards"])}, indent=2))
+    records = load_manifest(args.manifest, args.image_root, args.allow_absolute_paths)
+    out = write_shards(records, args.out, per_shard=args.per_shard, prefix=args.prefix, overwrite=args.overwrite,
+                       progress=False if args.no_progress else None)
+    keys = ("out", "samples", "left_out", "left_out_images")  # what was left out, and why
+    print(json.dumps({k: out[k] for k in keys if k in out} | {"shards": len(out["shards"])}, indent=2))
     return 0
