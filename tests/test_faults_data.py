@@ -186,6 +186,18 @@ def test_training_refuses_a_manifest_row_outside_the_root(tmp_path):
         _fit_over(tmp_path, {"kind": "manifest", "path": str(manifest)})
 
 
+def test_training_takes_absolute_manifest_rows_when_the_config_allows_them(tmp_path):
+    manifest = write_scene_manifest(tmp_path / "images", 16)
+    rows = [json.loads(r) for r in manifest.read_text().splitlines()]
+    for r in rows:
+        r["image"] = str((tmp_path / "images" / r["image"]).absolute())
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InputError, match="is absolute"):
+        _fit_over(tmp_path / "refused", {"kind": "manifest", "path": str(manifest)})
+    last = _fit_over(tmp_path / "allowed", {"kind": "manifest", "path": str(manifest), "allow_absolute_paths": True})
+    assert last["skipped_images"] == 0
+
+
 def test_shards_command_prints_what_it_left_out_and_takes_absolute_paths_only_when_allowed(tmp_path, capsys):
     from llm2clip.cli import main
 

@@ -71,7 +71,7 @@ def build_source(src) -> tuple[list, object]:
             records.append(Record(i, {k: [Caption(scenes.caption_id(i, k), t)] for k, t in caps.items()}))
         return records, scenes.image
     if isinstance(src, ManifestSource):
-        return load_manifest(src.path, src.image_root), load_image_file
+        return load_manifest(src.path, src.image_root, src.allow_absolute_paths), load_image_file
     if isinstance(src, FashionMnistSource):
         from ..data import fashion_mnist as fm
 
