@@ -9,6 +9,7 @@ AdamW and the scheduler, as ``llm2clip quickstart`` builds them (``pipeline/plan
     python benchmarks/bench_stage2_levers.py profile  # where one step's time goes (~30 steps)
     python benchmarks/bench_stage2_levers.py quality  # held-out dense R@1 of whole runs (slow: one run at a time)
     python benchmarks/bench_stage2_levers.py clip-text  # the CLIP text tower: open_clip's forward vs length buckets
+    python benchmarks/bench_stage2_levers.py data       # a batch's samples one by one vs the batched text lookup
 
 ``shapes`` builds every case in one process (1 thread), then runs rounds; each round times every case
 in turn (a few warm-up steps, then a fixed number of timed steps) and the table gives the median
@@ -222,6 +223,45 @@ def cmd_clip_text(args) -> None:
               f"{statistics.median(rs):.2f}x | {', '.join(f'{x:.2f}' for x in rs)} |")
 
 
+# --------------------------------------------------------------------------------------------- data
+def cmd_data(args) -> None:
+    """The training data of a step (the trainer's own dataset and batch keys): each sample fetched alone, its
+    caption vector looked up by itself, against ``PairDataset.__getitems__`` (one store lookup per batch)."""
+    import torch
+
+    torch.set_num_threads(1)
+    h = Harness(run_config(args.store, {"patch_size": 8, "width": 96}))
+    ds, sampler = h.tr.loader.dataset, h.tr.loader.batch_sampler
+    keys = [b for _, b in zip(range(args.batches), iter(sampler))]
+    ds.__getitems__(keys[0])  # open the store's files (and their checks) before timing
+
+    def one_by_one():
+        for b in keys:
+            [ds[k] for k in b]
+
+    def batched():
+        for b in keys:
+            ds.__getitems__(b)
+
+    per: dict[str, list[float]] = {"one by one": [], "batched": []}
+    loads = []
+    for _ in range(args.rounds):
+        for name, fn in (("one by one", one_by_one), ("batched", batched)):
+            t0 = time.perf_counter()
+            fn()
+            per[name].append((time.perf_counter() - t0) / len(keys) * 1e3)
+        loads.append(load1())
+    ratios = [a / b for a, b in zip(per["one by one"], per["batched"])]
+    print(f"\n{len(keys)} batches of {len(keys[0])}, {args.rounds} interleaved rounds, 1 thread; 1-min load average "
+          f"per round: {', '.join(f'{x:.2f}' for x in loads)}\n")
+    print("| data path | ms per batch (median) | each round |")
+    print("|---|---:|---|")
+    for name, v in per.items():
+        print(f"| {name} | {statistics.median(v):.1f} | {', '.join(f'{x:.1f}' for x in v)} |")
+    print(f"\nbatched vs one by one: {statistics.median(ratios):.2f}x (median of per-round ratios: "
+          f"{', '.join(f'{x:.2f}' for x in ratios)})")
+
+
 # ------------------------------------------------------------------------------------------ threads
 def cmd_threads(args) -> None:
     """Each measurement starts its processes, waits until all are built, then lets them step for
@@ -411,13 +451,16 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=8, help="timed steps per case per round")
     p.add_argument("--dense", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="dense-caption shares")
+    p = sub.add_parser("data", help="a step's samples one by one against the batched text lookup")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--batches", type=int, default=40)
     p = sub.add_parser("_child")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--go", type=Path)
     p.add_argument("--seconds", type=float, default=20.0)
     args = ap.parse_args(argv)
     {"shapes": cmd_shapes, "threads": cmd_threads, "profile": cmd_profile, "quality": cmd_quality,
-     "clip-text": cmd_clip_text, "_child": cmd_child}[args.cmd](args)
+     "clip-text": cmd_clip_text, "data": cmd_data, "_child": cmd_child}[args.cmd](args)
     return 0
 
 

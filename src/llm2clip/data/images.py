@@ -270,7 +270,7 @@ class PairDataset(torch.utils.data.Dataset):
             torch.default_generator.manual_seed(int(_rng(self.seed, index, epoch, 2).integers(2**62)))
             return self.transform(im)
 
-    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _sample(self, key) -> tuple[torch.Tensor, Caption, int]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         for skipped in range(self.max_tries):
             i = (index + skipped) % len(self.records)
@@ -278,13 +278,26 @@ class PairDataset(torch.utils.data.Dataset):
                 img = self._image(i, epoch)
             except image_errors():  # missing, corrupt, truncated or oversized (decompression bomb) files
                 continue
-            cap = self.choose_caption(i, epoch)
-            if self.features is not None:
-                text = torch.from_numpy(np.asarray(self.features.get_by_ids([cap.id])[0], dtype=np.float32))
-            else:
-                text = self.tokenize([cap.text])[0]
-            return img, text, skipped
+            return img, self.choose_caption(i, epoch), skipped
         raise InputError(f"{self.max_tries} images in a row from record {index} could not be read")
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """A batch of samples, the text side fetched in one call (the DataLoader uses this for a batch)."""
+        samples = [self._sample(k) for k in keys]
+        texts = batch_texts([cap for _, cap, _ in samples], self.features, self.tokenize)
+        return [(img, text, skipped) for (img, _, skipped), text in zip(samples, texts)]
+
+
+def batch_texts(captions: Sequence[Caption], features: CaptionFeatures | None,
+                  tokenize: Callable[[list[str]], torch.Tensor] | None) -> torch.Tensor:
+    """The text side of a batch: the captions' stored embeddings [B, D] in one store lookup (adapter), or
+    their token ids (CLIP text tower) in one tokenizer call; per-caption calls cost more than the step's data."""
+    if features is not None:
+        return torch.from_numpy(np.asarray(features.get_by_ids([c.id for c in captions]), dtype=np.float32))
+    return tokenize([c.text for c in captions])
 
 
 def collate(batch):

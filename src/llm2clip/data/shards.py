@@ -37,7 +37,7 @@ from PIL import Image
 from ..errors import ConfigError, InputError
 from ..fileio import image_errors, open_image, prepare_output_dir, publish_dir
 from ..jobs import Job
-from .images import Caption, Record
+from .images import Caption, Record, batch_texts
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         kind = kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
         return caps[kind][int(rng.integers(len(caps[kind])))]
 
-    def _sample(self, epoch: int, g: int, j: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _sample(self, epoch: int, g: int, j: int) -> tuple[torch.Tensor, Caption, int]:
         grp = self.group(epoch, g)
         for skipped in range(min(self.max_tries, len(grp))):
             s, i, key, members = grp[(j + skipped) % len(grp)]
@@ -281,13 +281,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             with torch.random.fork_rng(devices=[]):  # seeded augmentation that leaves the trainer's RNG alone
                 torch.manual_seed(int(_rng(self.seed, epoch, s, i, 2).integers(2**62)))
                 img = self.transform(im) if self.transform is not None else im
-            if self.features is not None:
-                text = torch.from_numpy(np.asarray(self.features.get_by_ids([cap.id])[0], dtype=np.float32))
-            else:
-                if cap.text is None:
-                    raise InputError(f"{where}: caption {cap.id} has no text; the CLIP text tower needs it")
-                text = self.tokenize([cap.text])[0]
-            return img, text, skipped
+            if self.features is None and cap.text is None:
+                raise InputError(f"{where}: caption {cap.id} has no text; the CLIP text tower needs it")
+            return img, cap, skipped
         raise InputError(f"{self.max_tries} samples in a row from {self.shards[grp[j][0]]} could not be read")
 
     def __iter__(self):
@@ -299,8 +295,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             while self.num_batches is None or b < self.num_batches:
                 slots, pos = self._take(pos, self.micro)
                 if b % nw == wid:
-                    imgs, texts, skipped = zip(*(self._sample(*slot) for slot in slots))
-                    yield torch.stack(imgs), torch.stack(texts), int(sum(skipped)), pos.as_dict()
+                    imgs, caps, skipped = zip(*(self._sample(*slot) for slot in slots))
+                    texts = batch_texts(caps, self.features, self.tokenize)
+                    yield torch.stack(imgs), texts, int(sum(skipped)), pos.as_dict()
                 b += 1
         finally:
             for f in self._files.values():
