@@ -316,3 +316,17 @@ def test_one_encoder_spec_parser(tmp_path):
         parse_caption_encoder_spec("bow:24")
     with pytest.raises(ConfigError, match="caption_encoder.*dim"):
         parse_caption_encoder_spec({"kind": "bow", "dim": "big"}, "caption_encoder")
+
+
+def test_a_batch_fetched_at_once_equals_its_samples_fetched_alone(bow_run):
+    """PairDataset.__getitems__ (one text lookup for the batch, as the DataLoader calls it) == ds[k] per key."""
+    records, load_image = build_source(bow_run.data.train)
+    features = build_features(bow_run, [records])
+    tf = build_transform(32, (0.5,) * 3, (0.5,) * 3, train=True, augment="crop")
+    ds = PairDataset(records, load_image, tf, bow_run.data.caption_kinds, bow_run.seed, features)
+    keys = [(i, e) for e in (0, 1) for i in (3, 0, 5, 7)]
+    together = ds.__getitems__(keys)
+    for k, (img, text, skipped) in zip(keys, together):
+        img1, text1, skipped1 = ds[k]
+        assert torch.equal(img, img1) and torch.equal(text, text1) and skipped == skipped1
+    assert len({t.numpy().tobytes() for _, t, _ in together}) > 1
