@@ -112,6 +112,8 @@ def test_text_query_scores_equal_the_model_similarity(flat_index, images, model_
     assert _cli("search", flat_index, query, "-k", "3", "--json") == 0
     top = json.loads(capsys.readouterr().out)
     assert [h["file"] for h in top] == files[:3] and top[0]["score"] == pytest.approx(hits[0].score, abs=1e-6)
+    rows = ImageIndex.open(flat_index).files
+    assert all(rows[h["row"]] == h["file"] for h in top)  # the row numbers `llm2clip serve` uses
 
 
 def test_killed_run_resumes_from_its_chunks(tmp_path, model_dir, images, flat_index):

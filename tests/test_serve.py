@@ -245,10 +245,9 @@ def _count_forwards(lm):
 
 
 def test_concurrent_text_queries_share_forwards_and_give_single_query_results(lm, index_dir):
-    # same token count, so the encoder's exact-length batching can put them in one forward
     colours = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
-    texts = [f"a small {c} circle in the top left corner" for c in colours]
-    assert len({len(t.ids) for t in lm.caption_encoder.tokenize(texts)}) == 1
+    texts = [f"a small {c} circle in the top left corner" + " on a grey background" * i for i, c in enumerate(colours)]
+    assert len({len(t.ids) for t in lm.caption_encoder.tokenize(texts)}) == len(texts)  # padding needed
     calls = _count_forwards(lm)
     try:
         single = create_app(lm, index_dir, ServeSettings(max_batch=1, batch_wait_ms=0))
@@ -260,8 +259,12 @@ def test_concurrent_text_queries_share_forwards_and_give_single_query_results(lm
         together = asyncio.run(_concurrent(batched, texts))
         assert len(calls) < len(texts) and sum(calls) == len(texts), calls
         assert batched.state.service.stats["text_queries"] == len(texts)
+        calls.clear()  # the encoder's exact-length batching: one forward per token count
+        exact = create_app(lm, index_dir, ServeSettings(max_batch=32, batch_wait_ms=50, text_batching="exact"))
+        assert asyncio.run(_concurrent(exact, texts[:1] * 3 + texts[1:2] * 2)) and sorted(calls) == [2, 3]
     finally:
         del lm.caption_encoder.forward
+        create_app(lm, index_dir)  # back to the default batching for the other tests
     for a, b in zip(alone, together):
         assert [h["file"] for h in a["hits"]] == [h["file"] for h in b["hits"]]
         assert np.allclose([h["score"] for h in a["hits"]], [h["score"] for h in b["hits"]], atol=1e-5)

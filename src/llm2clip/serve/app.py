@@ -42,6 +42,9 @@ MAX_K = 1000
 class ServeSettings:
     batch_wait_ms: float = 5.0  # how long a text query waits for others to share its forward
     max_batch: int = 32  # texts per caption-encoder call; 1 turns micro-batching off
+    # "padded": a micro-batch is one forward (left padding, masked: the same vectors within float error);
+    # "exact" keeps the encoder's default, one forward per distinct token count; None: as recorded
+    text_batching: str | None = "padded"
     max_body_bytes: int = 16 << 20
     max_image_pixels: int = 40_000_000  # below PIL's own bomb limit, checked before decoding
     thumb_size: int = 256
@@ -137,6 +140,10 @@ class SearchService:
             raise ValueError("max_batch must be >= 1 and batch_wait_ms >= 0")
         self.index = ImageIndex.open(self.path)
         self.index.check_model(lm)  # an index of another model is refused here, naming both
+        enc = lm.caption_encoder  # loaded now, not by the first query
+        cfg = getattr(enc, "config", None)
+        if self.settings.text_batching and cfg is not None and "batching" in type(cfg).model_fields:
+            enc.config = cfg.model_copy(update={"batching": self.settings.text_batching})
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="llm2clip-model")
         self.stats = {"text_queries": 0, "text_batches": 0, "reloads": 0}
         self._lock = threading.Lock()

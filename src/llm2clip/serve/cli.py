@@ -29,6 +29,8 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long a text query waits for others to share a caption-encoder forward (default 5)")
     p.add_argument("--max-batch", type=int, default=32, help="texts per forward at most; 1: no batching (32)")
+    p.add_argument("--text-batching", default="padded", choices=["padded", "exact", "recorded"],
+                   help="padded: a micro-batch is one forward (default); exact: one per distinct token count")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MB (default 16)")
     p.add_argument("--max-image-pixels", type=int, default=40_000_000,
                    help="largest uploaded image, width x height (default 40,000,000)")
@@ -55,6 +57,7 @@ def run_serve(args) -> int:
     lm = open_model_for(idx, args.model, args.device, args.precision, args.caption_encoder)
     lm.caption_encoder  # noqa: B018 - load the LLM now: the first query should not pay for it
     settings = ServeSettings(batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch,
+                             text_batching=None if args.text_batching == "recorded" else args.text_batching,
                              max_body_bytes=int(args.max_body_mb * (1 << 20)), max_image_pixels=args.max_image_pixels)
     app = create_app(lm, args.index, settings)
     print(f"serving {len(idx)} images of {idx.path} on http://{args.host}:{args.port}/ (API: /docs)", flush=True)
