@@ -28,7 +28,7 @@ def test_help_of_every_command(capsys):
 
 def test_every_stage_of_the_method_has_its_command():
     assert set(subcommands()) == {"run", "quickstart", "eval", "eval-text", "finetune-text", "embed", "features",
-                                  "shards", "train", "index", "search", "convert", "export"}
+                                  "shards", "train", "index", "search", "convert", "export", "serve"}
 
 
 def _captions(tmp_path):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import json
 import logging
 import sys
 from pathlib import Path
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"llm2clip {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for entry in COMMANDS:
         add = entry if callable(entry) else importlib.import_module(f"{__package__}.{entry}").add_commands
@@ -88,9 +91,66 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except Llm2ClipError as err:
-        print(f"llm2clip: error: {err}", file=sys.stderr)
+    except (Llm2ClipError, OSError, ValueError, ModuleNotFoundError) as err:
+        # ValueError holds pydantic's ValidationError and json's JSONDecodeError; a missing module, an extra
+        msg = error_line(err)
+        if args.debug or msg is None:
+            raise
+        print(f"llm2clip: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("llm2clip: interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def error_line(err: BaseException) -> str | None:
+    """One line for an error the user can act on; None for a bug (its traceback is shown)."""
+    from pydantic import ValidationError
+
+    from .extras import missing_extra
+
+    if isinstance(err, Llm2ClipError):
+        return str(err)
+    if isinstance(err, ModuleNotFoundError):
+        extra = missing_extra(err.name or "")
+        return None if extra is None else str(extra)
+    if isinstance(err, OSError):
+        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        what = err.strerror or str(err)
+        hint = " (free some space and rerun: finished parts are kept)" if err.errno in (errno.ENOSPC,
+                                                                                        errno.EDQUOT) else ""
+        return f"{where}: {what}{hint}" if where else f"{what}{hint}"
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        return f"{err.title}: {loc + ': ' if loc else ''}{first['msg']}{more}"
+    if isinstance(err, json.JSONDecodeError):
+        return f"invalid JSON: {err} (--debug shows which file)"
+    return None
+
+
+def set_from_flags(cfg, flags: dict[str, tuple[str, object]]):
+    """Set config fields from command-line flags, validated as the same fields in a config file: ``flags``
+    maps a flag to (dotted field, value); None is a flag not given, while 0 is a value."""
+    from pydantic import ValidationError
+
+    from .errors import ConfigError
+
+    for flag, (field, value) in flags.items():
+        if value is None:
+            continue
+        *parents, name = field.split(".")
+        obj = cfg
+        for part in parents:
+            obj = getattr(obj, part)
+        try:
+            setattr(obj, name, value)
+        except ValidationError as err:
+            raise ConfigError(f"{flag} {value}: {err.errors()[0]['msg']} (as the config's {field})") from None
+    return cfg
 
 
 if __name__ == "__main__":

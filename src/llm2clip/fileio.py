@@ -3,24 +3,41 @@
 Every artifact of the project is written through ``write_atomic``: a temp file beside the target,
 flushed and fsynced, renamed over it, then the folder fsynced. A reader sees the old file or the
 whole new one, never a part, and a killed writer leaves at most a temp file that ``remove_temp_files``
-(or the next writer) clears.
+(or the next writer) clears. A full disk is a ``DiskFullError`` naming the file and the bytes needed.
+
+An output folder has one writer at a time: ``lock_folder`` takes an OS lock (flock) on a file beside it,
+which the kernel drops when its holder dies, so a killed run never leaves a stale lock.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, Llm2ClipError
 
 TMP_MARK = ".tmp-"
+LOCK_SUFFIX = ".lock"
+
+log = logging.getLogger(__name__)
+
+
+class DiskFullError(Llm2ClipError):
+    """No space (or quota) left for a file: the message names it and the bytes it needed."""
+
+
+class FolderInUseError(ConfigError):
+    """Another live process writes the same output folder."""
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -42,26 +59,39 @@ def temp_path(path: str | Path) -> Path:
     return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
 
 
-def write_atomic(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
+def write_atomic(path: str | Path, write: Callable[[io.BufferedWriter], None], size: int | None = None) -> Path:
     """Call ``write(f)`` on a temp file beside ``path``, then replace ``path`` with it, durably."""
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             write(f)
 
-    return save_atomic(path, save)
+    return save_atomic(path, save, size)
 
 
-def save_atomic(path: str | Path, save: Callable[[Path], None]) -> Path:
-    """``save(temp path)`` for writers that want a file name (safetensors, HF), then the same durable rename."""
+def _sync_file(path: Path) -> None:
+    # where a delayed-allocation filesystem reports a full disk (tests inject ENOSPC here)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_atomic(path: str | Path, save: Callable[[Path], None], size: int | None = None) -> Path:
+    """``save(temp path)`` for writers that want a file name (safetensors, HF), then the same durable rename.
+    ``size``: the bytes it will write, when known, for the message of a full disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
         save(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        _sync_file(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            tmp.unlink(missing_ok=True)
+            raise
+        got = tmp.stat().st_size if tmp.is_file() else 0
+        tmp.unlink(missing_ok=True)
+        raise disk_full(path, size if size is not None else got, at_least=size is None) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -69,9 +99,21 @@ def save_atomic(path: str | Path, save: Callable[[Path], None]) -> Path:
     return path
 
 
+def disk_full(path: str | Path, needed: int, at_least: bool = False) -> DiskFullError:
+    """The error for a file that did not fit: its path, the bytes it needed, the bytes free there."""
+    path = Path(path)
+    try:
+        free = f"{shutil.disk_usage(path.parent).free:,} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    need = f"{'more than ' if at_least else ''}{needed:,} bytes"
+    return DiskFullError(f"{path}: no space left on the device: it needs {need} ({free}); free "
+                         "some space and rerun the same command: finished parts are kept")
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> str:
     """Write ``data`` atomically; returns its sha256 hex digest."""
-    write_atomic(path, lambda f: f.write(data))
+    write_atomic(path, lambda f: f.write(data), size=len(data))
     return hashlib.sha256(data).hexdigest()
 
 
@@ -210,6 +252,102 @@ def building_dir(out: str | Path, keep_existing: bool = False) -> Iterator[Path]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ------------------------------------------------------------------------------------------ one writer
+_HELD: dict[str, tuple[int, int]] = {}  # lock file -> (fd, pid of the process that took it)
+
+
+def lock_path(folder: str | Path) -> Path:
+    """The lock file of ``folder``: beside it, so that the folder itself may be cleared or swapped."""
+    folder = Path(folder).expanduser().resolve()
+    return folder.with_name(f".{folder.name}{LOCK_SUFFIX}")
+
+
+def check_output_folder(folder: str | Path, error: type[Exception] = UnsafeOutputError) -> Path:
+    """``folder`` is a folder or can become one: neither it nor a folder above it is a file."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise error(f"{folder}: exists and is not a folder; choose another output")
+    for up in folder.absolute().parents:
+        if up.exists():
+            if not up.is_dir():
+                raise error(f"{up}: is a file, so {folder} cannot be created; choose another output")
+            break
+    return folder
+
+
+def _holder(fd: int) -> str:
+    for _ in range(20):  # the holder writes its PID just after taking the lock
+        os.lseek(fd, 0, os.SEEK_SET)
+        pid = os.read(fd, 32).decode("ascii", "replace").strip()
+        if pid:
+            return f"PID {pid}"
+        time.sleep(0.05)
+    return "PID unknown"
+
+
+def lock_folder(folder: str | Path, what: str = "llm2clip") -> Path | None:
+    """Make this process the one writer of ``folder`` until ``unlock_folder`` or its exit; a no-op when it is
+    already. Raises ``FolderInUseError`` (naming the holder's PID) at once when another live process holds it.
+    Where no lock file can be made (a read-only parent, no flock) it warns and returns None."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no OS lock
+        return None
+    check_output_folder(folder)
+    lock = lock_path(folder)
+    held = _HELD.get(str(lock))
+    if held and held[1] == os.getpid():
+        return lock
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            log.warning("%s: cannot lock %s (%s); no other process must write it meanwhile", lock, folder, err)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            who = _holder(fd)
+            os.close(fd)
+            raise FolderInUseError(f"{Path(folder)}: in use by another {what} process ({who}); wait for it to "
+                                   f"finish or stop it (its lock: {lock})") from None
+        try:  # a holder that was releasing may have removed this file meanwhile: lock the one at the path
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD[str(lock)] = (fd, os.getpid())
+    return lock
+
+
+def unlock_folder(folder: str | Path) -> None:
+    """Release this process's lock of ``folder`` (its file goes first, so a waiter locks a fresh one)."""
+    lock = lock_path(folder)
+    held = _HELD.get(str(lock))
+    if not held or held[1] != os.getpid():
+        return
+    del _HELD[str(lock)]
+    lock.unlink(missing_ok=True)
+    os.close(held[0])
+
+
+@contextmanager
+def folder_lock(folder: str | Path, what: str = "llm2clip") -> Iterator[Path]:
+    """``lock_folder`` for a block; a lock this process held before the block is kept after it."""
+    before = _HELD.get(str(lock_path(folder)), (None, None))[1] == os.getpid()
+    lock_folder(folder, what)
+    try:
+        yield Path(folder)
+    finally:
+        if not before:
+            unlock_folder(folder)
 
 
 # ------------------------------------------------------------------------------------------ images

@@ -12,6 +12,10 @@ The feature store, the image index and the webdataset shard writer share this li
 one it would write, and either refuses (``check`` raises, naming what differs) or, with
 ``restart=True``, clears the folder and starts over. Only the manifest marks the job complete: a
 killed job leaves a record, finished parts and at most some temp files, which ``open`` removes.
+
+Every ``Job`` is a writer: making one claims its folder for this process (``fileio.lock_folder``, an OS
+lock that dies with the process), so a second process on the same folder fails at once, naming the
+first one's PID; ``complete`` releases it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import ConfigError
-from .fileio import JOB_RECORD, remove_temp_files, write_atomic, write_bytes_atomic, write_json_atomic
+from .fileio import (
+    JOB_RECORD,
+    lock_folder,
+    remove_temp_files,
+    unlock_folder,
+    write_atomic,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 VERSION = 1
 
@@ -34,10 +46,12 @@ def differing_keys(have: dict, want: dict) -> list[str]:
 
 
 class Job:
-    """The folder ``folder`` owned by one job of kind ``kind``, complete once ``manifest`` exists."""
+    """The folder ``folder`` owned by one job of kind ``kind``, complete once ``manifest`` exists; this
+    process is its one writer from here until ``complete``."""
 
     def __init__(self, folder: str | Path, kind: str, manifest: str, error: type[Exception] = ConfigError):
         self.folder, self.kind, self.manifest, self.error = Path(folder), kind, manifest, error
+        lock_folder(self.folder, f"llm2clip {kind}")
 
     @property
     def record_path(self) -> Path:
@@ -136,6 +150,7 @@ class Job:
         write_bytes_atomic(self.manifest_path, manifest)
         self.clear(scratch)
         self.record_path.unlink(missing_ok=True)
+        unlock_folder(self.folder)
 
     def clear(self, names: Iterable[str]) -> None:
         for name in names:

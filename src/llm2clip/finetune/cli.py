@@ -27,12 +27,17 @@ def add_commands(sub) -> None:
 
 
 def run(args) -> int:
+    import os
+
     from ..config import load_config
     from ..distributed import finish, init_from_env
+    from ..fileio import lock_folder
     from .config import FinetuneConfig
     from .trainer import Stage1Trainer
 
     cfg = load_config(args.config, FinetuneConfig)
+    if os.environ.get("RANK", "0") == "0":  # one writer of out; torchrun's other ranks write beside rank 0
+        lock_folder(cfg.out, "llm2clip finetune-text")
     init_from_env(cfg.encoder.device)
     summary = Stage1Trainer(cfg).run(resume=not args.no_resume)
     from .contrastive import world

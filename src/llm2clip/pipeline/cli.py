@@ -56,13 +56,10 @@ def _common(p) -> None:
 
 
 def _apply(cfg, args):
-    if args.run_dir:
-        cfg.run_dir = str(args.run_dir)
-    if args.parallel:
-        cfg.parallel = args.parallel
-    if args.threads:
-        cfg.threads = args.threads
-    return cfg
+    from ..cli import set_from_flags
+
+    return set_from_flags(cfg, {"--run-dir": ("run_dir", None if args.run_dir is None else str(args.run_dir)),
+                                "--parallel": ("parallel", args.parallel), "--threads": ("threads", args.threads)})
 
 
 def _run(args) -> int:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from ..config import load_config
 from ..errors import ConfigError
+from ..fileio import folder_lock
 from ..model import AdapterConfig
 from . import stages as S
 from .config import ClipTeacher, LLMTeacher, PipelineConfig, variant_run
-from .runner import Runner, Stage
+from .runner import Runner, Stage, sigterm_stops
 
 PRESETS = ("quickstart", "smoke")
 
@@ -169,13 +170,16 @@ def _eval_stage(cfg: PipelineConfig, stage_names: list[str]) -> Stage:
 
 
 def run_pipeline(cfg: PipelineConfig, config_source: str = "", out=None) -> dict:
-    """Run (or finish) every stage, then write the report; returns the run manifest."""
+    """Run (or finish) every stage, then write the report; returns the run manifest. One process at a time
+    owns the run folder (a second one fails at once, naming the first one's PID)."""
     from .report import write_report
 
     if cfg.threads:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    runner = Runner(Path(cfg.run_dir), build_stages(cfg), cfg.parallel, cfg.model_dump(mode="json"), out=out)
-    manifest = runner.run()
-    return write_report(cfg, manifest, config_source, out=out)
+    stages = build_stages(cfg)
+    with folder_lock(cfg.run_dir, "llm2clip run"), sigterm_stops():
+        runner = Runner(Path(cfg.run_dir), stages, cfg.parallel, cfg.model_dump(mode="json"), out=out)
+        manifest = runner.run()
+        return write_report(cfg, manifest, config_source, out=out)

@@ -205,8 +205,9 @@ def check_claims(cfg: PipelineConfig, rows: list[dict], scores: dict, reps: int 
 
 
 def _plots(cfg: PipelineConfig, rows: list[dict], out: Path) -> list[str]:
-    import matplotlib
+    from ..extras import require
 
+    matplotlib = require("matplotlib", "the run report's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -5,24 +5,33 @@ run folder's ``manifest.json`` records, per stage, the key it finished with, its
 result. A rerun skips a finished stage whose key is unchanged, redoes (after clearing its outputs)
 one whose key changed, and lets an unfinished stage resume from what it left on disk (each stage's
 own checkpoints or shards).
+
+Pooled stages run in spawned worker processes that die with the main process: the kernel kills them
+when it exits (Linux: PR_SET_PDEATHSIG) and a watchdog thread checks for a new parent elsewhere; Ctrl-C
+and SIGTERM stop the main process, which stops its workers before it exits.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import datetime as _dt
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import shutil
+import signal
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..fileio import remove_temp_files, write_json_atomic
+from ..fileio import check_output_folder, remove_temp_files, write_json_atomic
 
 PIPELINE_MANIFEST = "manifest.json"
 
@@ -57,13 +66,14 @@ class Runner:
         self.parallel = max(1, parallel)
         self.out = out
         self.path = self.run_dir / PIPELINE_MANIFEST
+        check_output_folder(self.run_dir, ConfigError)
         if self.run_dir.is_dir() and any(self.run_dir.iterdir()) and not self.path.is_file():
             # a run clears and rewrites stage folders: it may own only an empty folder or one of its runs
             raise ConfigError(f"{self.run_dir}: not empty and not an llm2clip run folder (no {PIPELINE_MANIFEST}); "
                               "choose an empty or new folder")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         remove_temp_files(self.run_dir)  # left by a killed write of the manifest
-        self.manifest = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.manifest = self._read_manifest() if self.path.is_file() else {}
         self.manifest.setdefault("stages", {})
         if config is not None:
             self.manifest["config"] = config
@@ -82,6 +92,16 @@ class Runner:
         self.spent_est = 0.0  # estimates of the stages run so far (for the rescaling)
         self.spent_real = 0.0
         self._lock = threading.Lock()
+
+    def _read_manifest(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+                raise ValueError("not a run manifest (a JSON object with 'stages')")
+        except (UnicodeDecodeError, ValueError) as err:  # written atomically: only an outside hand truncates it
+            raise ConfigError(f"{self.path}: unreadable ({err}); restore it, or move {self.run_dir} away and "
+                              "run again") from None
+        return data
 
     # --------------------------------------------------------------------------- bookkeeping
     def record(self, name: str) -> dict | None:
@@ -172,7 +192,8 @@ class Runner:
         units = lambda s: s.progress() if s.progress else (0, 1)
         total = sum(units(s)[1] for s in group)
         bar = tqdm(total=total, unit="step", desc="stages", file=self.out, dynamic_ncols=True, mininterval=2)
-        pool = cf.ProcessPoolExecutor(max_workers=self.parallel, mp_context=ctx)
+        pool = cf.ProcessPoolExecutor(max_workers=self.parallel, mp_context=ctx, initializer=_worker_init,
+                                      initargs=(os.getpid(),))
         failed: BaseException | None = None
         try:
             while (waiting or running) and failed is None:
@@ -204,13 +225,60 @@ class Runner:
         finally:
             bar.close()
             if failed is not None:  # stop now: the stages still running resume from their own files next time
-                for proc in list(getattr(pool, "_processes", {}).values()):
+                procs = list((getattr(pool, "_processes", None) or {}).values())
+                for proc in procs:
                     proc.terminate()
+                for proc in procs:  # gone before this process is: none writes into the run folder afterwards
+                    proc.join(10)
+                    if proc.is_alive():
+                        proc.kill()
+                        proc.join(5)
                 pool.shutdown(wait=False, cancel_futures=True)
             else:
                 pool.shutdown()
         if failed is not None:
             raise failed
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _worker_init(parent: int) -> None:
+    """In each pool worker: die with the main process, and leave Ctrl-C to it (it stops the workers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the main process died before the line above
+        os._exit(1)
+
+    def watch() -> None:  # where there is no PR_SET_PDEATHSIG: an orphan gets a new parent
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="llm2clip-parent-watch", daemon=True).start()
+
+
+@contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """SIGTERM raises SystemExit(143) in the main thread for the block, so that cleanups run (the pool's
+    workers are stopped) instead of the process vanishing at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        print(f"[run] stopped by signal {signum}: run the same command again to resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _timed(fn, args):

@@ -63,18 +63,18 @@ def add_commands(sub) -> None:
 def run_train(args) -> int:
     import json
 
+    from ..cli import set_from_flags
     from ..config import load_config
+    from ..fileio import lock_folder
     from .config import RunConfig
     from .distributed import finish_and_exit, init_distributed
     from .loop import fit
 
     cfg = load_config(args.config, RunConfig)
-    if args.run_dir:
-        cfg.run_dir = str(args.run_dir)
-    if args.steps:
-        cfg.train.steps = args.steps
-    if args.device:
-        cfg.train.device = args.device
+    set_from_flags(cfg, {"--run-dir": ("run_dir", None if args.run_dir is None else str(args.run_dir)),
+                         "--steps": ("train.steps", args.steps), "--device": ("train.device", args.device)})
+    if os.environ.get("RANK", "0") == "0":  # one writer of run_dir; torchrun's other ranks write beside rank 0
+        lock_folder(cfg.run_dir, "llm2clip train")
     di = init_distributed(cfg.train.device)
     try:
         last = fit(cfg, resume=args.resume, progress=False if args.no_progress else None, dist_info=di)
