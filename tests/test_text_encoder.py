@@ -285,29 +285,37 @@ def _old_weight_hash(module) -> str:
     return h.hexdigest()
 
 
-def test_bf16_encoder_is_loaded_and_hashed_in_bf16(tiny_llm_dir, monkeypatch):
-    # An 8B encoder loaded in fp32 then cast holds 32 GB per process: the weights must arrive in bf16.
-    from llm2clip.text import encoder as encoder_mod
+def test_bf16_encoder_is_loaded_in_bf16_and_keeps_its_fp32_identity(tiny_llm_dir, tmp_path, monkeypatch):
+    # An 8B encoder loaded in fp32 then cast holds 32 GB per process: the weights must arrive in bf16, and
+    # the identity (which stores and models pin, whatever the dtype) must still be the fp32 weights' hash.
+    from llm2clip.text import loading
 
-    seen = {}
-    real_load, real_hash = encoder_mod.load_base_model, encoder_mod.weight_hash
+    loads = []
+    real_load = loading.load_base_model
 
     def load(*a, **kw):
-        seen["load"] = kw.get("dtype")
+        loads.append(kw.get("dtype"))
         return real_load(*a, **kw)
 
-    def hash_(model):
-        seen["hash"] = {p.dtype for p in model.parameters()}
-        return real_hash(model)
-
-    monkeypatch.setattr(encoder_mod, "load_base_model", load)
-    monkeypatch.setattr(encoder_mod, "weight_hash", hash_)
-    bf16 = make(tiny_llm_dir, dtype="bfloat16")
-    assert seen == {"load": torch.bfloat16, "hash": {torch.bfloat16}}
+    monkeypatch.setattr(loading, "load_base_model", load)
     fp32 = make(tiny_llm_dir)
-    assert seen == {"load": torch.float32, "hash": {torch.float32}}
-    # the tiny model is saved in fp32, so its bf16 load has other values: another identity
-    assert bf16.identity()["weight_hash"] != fp32.identity()["weight_hash"]
+    bf16 = make(tiny_llm_dir, dtype="bfloat16")  # the tiny model's files are fp32: bf16 loses bits
+    assert loads == [torch.float32, torch.bfloat16]
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert bf16.identity()["weight_hash"] == fp32.identity()["weight_hash"]
+    # a sharded checkpoint (index + several files), as the 8B ships, hashes the same
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(tiny_llm_dir).save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    bf16.tokenizer.save_pretrained(tmp_path / "sharded")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert make(tmp_path / "sharded", dtype="bfloat16").identity()["weight_hash"] == fp32.identity()["weight_hash"]
+    # with adapters the merge is done in fp32 (its hash is the fp32 merge's), then cast
+    adapter = str(_lora_adapter(tiny_llm_dir, tmp_path / "lora", on_causal_lm=False))
+    loads.clear()
+    merged = make(tiny_llm_dir, dtype="bfloat16", adapters=[adapter])
+    assert loads == [torch.float32] and next(merged.model.parameters()).dtype == torch.bfloat16
+    assert merged.identity()["weight_hash"] == make(tiny_llm_dir, adapters=[adapter]).identity()["weight_hash"]
 
 
 def test_weight_hash_of_fp32_is_unchanged_and_bf16_hashes_as_its_fp32_values():
@@ -327,7 +335,7 @@ def test_weight_hash_of_fp32_is_unchanged_and_bf16_hashes_as_its_fp32_values():
     assert weight_hash(half) != weight_hash(up)
 
 
-def test_weight_hash_never_copies_a_whole_half_precision_tensor(monkeypatch):
+def test_weight_hash_never_copies_a_whole_tensor(monkeypatch, tmp_path):
     # Every tensor the hash makes is watched: none may be an fp32 (or any) copy larger than one chunk.
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -344,10 +352,17 @@ def test_weight_hash_never_copies_a_whole_half_precision_tensor(monkeypatch):
                     biggest.append(t.untyped_storage().nbytes())
             return out
 
-    model = torch.nn.Linear(300, 200).to(torch.bfloat16)  # 60,000 values: 60 chunks
+    from safetensors.torch import save_file
+
+    fp32 = torch.nn.Linear(300, 200)  # 60,000 values: 60 chunks
+    save_file(fp32.state_dict(), str(tmp_path / "model.safetensors"))
+    model = torch.nn.Linear(300, 200).to(torch.bfloat16)
     owned = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
     with Watch():
         digest = loading.weight_hash(model)
+        from_files = loading.source_weight_hash(model, tmp_path)  # read from fp32 files, rows at a time
     assert max(biggest) <= 1000 * 4  # one chunk in fp32
+    assert from_files == loading.weight_hash(fp32)
     monkeypatch.setattr(loading, "HASH_CHUNK", 1 << 22)
     assert loading.weight_hash(model) == digest  # chunking does not change the hash
+    assert loading.source_weight_hash(model, tmp_path) == from_files

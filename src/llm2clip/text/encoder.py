@@ -15,7 +15,7 @@ from ..errors import ConfigError, InputError
 from ..fileio import write_json_atomic
 from .attention import attention_inputs
 from .config import LLMEncoderConfig
-from .loading import DTYPES, load_base_model, load_tokenizer, merge_adapters, resolve_source, weight_hash
+from .loading import DTYPES, load_tokenizer, load_weights, resolve_source
 from .packing import PackedBatch, pack, packed_attention_mask, plan_rows, pool_packed
 from .pooling import pool
 from .template import PromptFormat, prompt_format
@@ -86,21 +86,14 @@ class CaptionEncoder:
         manifest = Path(source.path) / ENCODER_MANIFEST
         base_identity = json.loads(manifest.read_text())["identity"] if manifest.is_file() else None
         tokenizer = load_tokenizer(source)
-        lm = None
-        # loaded in the dtype asked for: an 8B model never passes through a 32 GB fp32 copy
-        dtype = DTYPES[config.dtype]
-        if with_lm_head:
-            lm = load_base_model(source, causal_lm=True, attn_implementation=config.attn_implementation, dtype=dtype)
-            model = lm.get_decoder()
-        else:
-            model = load_base_model(source, attn_implementation=config.attn_implementation, dtype=dtype)
-        if config.adapters:
-            model = merge_adapters(model, config.adapters)
-            if lm is not None:
-                lm.set_decoder(model)
+        # in the dtype asked for (an 8B encoder never passes through a 32 GB fp32 copy); the hash is the fp32 one
+        loaded, digest = load_weights(source, dtype=DTYPES[config.dtype], causal_lm=with_lm_head,
+                                      adapters=config.adapters, attn_implementation=config.attn_implementation)
+        lm = loaded if with_lm_head else None
+        model = loaded.get_decoder() if with_lm_head else loaded
         identity = {
             "base_model": (base_identity or {}).get("base_model", config.model),
-            "weight_hash": weight_hash(model),
+            "weight_hash": digest,
             "adapters": [*(base_identity or {}).get("adapters", []), *[Path(a).name for a in config.adapters]],
         }
         (lm or model).to(device=config.device, dtype=DTYPES[config.dtype]).eval()

@@ -75,26 +75,93 @@ def resolve_source(model: str, gguf_file: str | None = None) -> LLMSource:
     return LLMSource(resolved, model)  # a hub id: loads where a hub or its cache is reachable
 
 
-# Elements converted at a time when hashing a half-precision tensor (16 MiB in fp32): the 8B encoder's
-# largest tensor (the embeddings, 0.5 B values) is never copied whole.
+# Elements converted at a time when hashing (16 MiB in fp32): the 8B encoder's largest tensor (the
+# embeddings, 0.5 B values) is never copied whole.
 HASH_CHUNK = 1 << 22
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _hashed_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16 and fp16 values equal their fp32 upcast exactly: hashed as fp32, a model's hash does not depend
+    # on whether it was loaded in half precision or in fp32 from half-precision weights
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _hash_tensor(h, name: str, dtype: torch.dtype, shape, chunks) -> None:
+    as_dtype = _hashed_dtype(dtype)
+    h.update(f"{name}:{as_dtype}:{tuple(shape)};".encode())
+    for part in chunks:
+        part = part.to(device="cpu", dtype=as_dtype).contiguous().reshape(-1)
+        h.update(part.view(torch.uint8).numpy())
+
+
+def _flat_chunks(t: torch.Tensor):
+    flat = t.detach().reshape(-1)
+    for i in range(0, flat.numel(), HASH_CHUNK):
+        yield flat[i:i + HASH_CHUNK]
 
 
 def weight_hash(module: torch.nn.Module) -> str:
     """A content hash of every parameter and buffer (names, dtypes, shapes and values).
 
-    bf16 and fp16 values are hashed as the float32 values they equal exactly, a chunk at a time, so a
-    model loaded in bf16 from bf16 weights hashes as it did loaded in fp32, and hashing never holds more
-    than one chunk beside the model. fp32 and integer tensors are hashed in place, without a copy.
+    bf16/fp16 tensors are hashed as the fp32 values they equal, a chunk at a time, and fp32 ones in place:
+    hashing never holds more than one chunk beside the model, and fp32 hashes are those of earlier releases.
     """
     h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(module.state_dict().items()):
-        as_dtype = torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
-        h.update(f"{name}:{as_dtype}:{tuple(t.shape)};".encode())
-        flat = t.detach().reshape(-1)
-        for i in range(0, flat.numel(), HASH_CHUNK):
-            part = flat[i:i + HASH_CHUNK].to(device="cpu", dtype=as_dtype).contiguous()
-            h.update(part.view(torch.uint8).numpy())
+        _hash_tensor(h, name, t.dtype, t.shape, _flat_chunks(t))
+    return h.hexdigest()
+
+
+def _safetensors_index(path: Path) -> dict[str, tuple[str, list[int], int, int]]:
+    """name -> (dtype, shape, first byte, end byte) of a safetensors file, from its JSON header."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: (v["dtype"], v["shape"], 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+            for k, v in header.items()}
+
+
+def _file_chunks(path: Path, dtype: torch.dtype, start: int, end: int):
+    # read from the file a chunk at a time: neither the tensor nor an fp32 copy of it is ever whole in memory
+    step = HASH_CHUNK * torch.empty((), dtype=dtype).element_size()
+    with open(path, "rb") as f:
+        f.seek(start)
+        for pos in range(start, end, step):
+            yield torch.frombuffer(bytearray(f.read(min(step, end - pos))), dtype=dtype)
+
+
+def source_weight_hash(module: torch.nn.Module, folder: str | Path) -> str | None:
+    """``weight_hash`` of ``module`` as it is when loaded in fp32 from ``folder``, read from the folder's
+    safetensors files a chunk at a time: a model loaded in bf16 from fp32 files keeps the identity of those
+    files without an fp32 copy. A tensor absent from the files (a tied LM head, a buffer) is hashed as the
+    model holds it. None when the folder has no model safetensors file or a shape or dtype differs."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"  # only the model's files: a repo may hold other copies
+    if index.is_file():
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+    if not files:
+        return None
+    where = {k: (f, *entry) for f in files for k, entry in _safetensors_index(f).items()}
+    prefix = getattr(module, "base_model_prefix", "") or ""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(module.state_dict().items()):
+        entry = where.get(name) or where.get(f"{prefix}.{name}")
+        if entry is None:
+            _hash_tensor(h, name, t.dtype, t.shape, _flat_chunks(t))
+            continue
+        path, code, shape, start, end = entry
+        dtype = _ST_DTYPES.get(code)
+        if dtype is None or tuple(shape) != tuple(t.shape) or dtype.is_floating_point != t.is_floating_point():
+            return None
+        # what an fp32 load holds: floating values as fp32 (when the model's own dtype hashes as fp32)
+        held = torch.float32 if dtype.is_floating_point and _hashed_dtype(t.dtype) == torch.float32 else dtype
+        _hash_tensor(h, name, held, shape, (c.to(held) for c in _file_chunks(path, dtype, start, end)))
     return h.hexdigest()
 
 
@@ -158,3 +225,30 @@ def load_base_model(source: LLMSource, *, causal_lm: bool = False, attn_implemen
     if model.config._attn_implementation not in ("sdpa", "eager"):
         model.set_attn_implementation("sdpa")
     return model
+
+
+def load_weights(source: LLMSource, *, dtype: torch.dtype, causal_lm: bool = False, adapters: list[str] = (),
+                 attn_implementation: str = "auto"):
+    """(model, weight hash): the model in ``dtype`` with ``adapters`` merged, and the identity hash of its
+    fp32 weights, which does not depend on ``dtype``.
+
+    Without adapters, a half-precision model is loaded in that precision directly (an 8B encoder: 16 GB, not
+    a 32 GB fp32 copy) and hashed from its files a chunk at a time. Adapters are merged in fp32, as the
+    hash of a merge is that of the fp32 merge; the model is cast afterwards.
+    """
+    half = dtype != torch.float32 and not adapters
+    model = load_base_model(source, causal_lm=causal_lm, attn_implementation=attn_implementation,
+                            dtype=dtype if half else torch.float32)
+    if adapters:
+        body = model.get_decoder() if causal_lm else model
+        merged = merge_adapters(body, list(adapters))
+        if causal_lm:
+            model.set_decoder(merged)
+        else:
+            model = merged
+    digest = None
+    if half and Path(source.path).is_dir():
+        digest = source_weight_hash(model.get_decoder() if causal_lm else model, source.path)
+    if digest is None:
+        digest = weight_hash(model.get_decoder() if causal_lm else model)
+    return model.to(dtype), digest
