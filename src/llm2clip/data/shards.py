@@ -20,12 +20,19 @@ of that stream. Its position is (epoch, group, offset), saved per rank in checkp
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import hashlib
 import io
 import json
 import logging
+import os
 import re
+import shutil
+import subprocess
 import tarfile
+import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,14 +55,21 @@ _DECODE_ERRORS = image_errors()  # what PIL raises for corrupt, truncated or ove
 
 
 # ------------------------------------------------------------------------------------ shard lists
-def expand_shards(spec: str | Sequence[str]) -> list[Path]:
-    """Tar files of a folder (its shards.json, else its *.tar), a brace pattern, or a list of either."""
+def is_url(item: str | Path) -> bool:
+    """A shard fetched through fsspec (``s3://``, ``gs://``, ``https://``, ``memory://``...) or a ``pipe:CMD``."""
+    s = str(item)
+    return s.startswith("pipe:") or ("://" in s and not s.startswith("file://"))
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[Path | str]:
+    """Tar files of a folder (its shards.json, else its *.tar), a brace pattern, or a list of either.
+    Local files come back as Paths (``file://`` ones too), remote shards (``is_url``) as their URLs."""
     from webdataset.shardlists import expand_urls  # webdataset's own pattern syntax ({a..b}, {x,y}, '::')
 
-    out: list[Path] = []
+    out: list[Path | str] = []
     for item in ([spec] if isinstance(spec, str) else list(spec)):
         p = Path(item)
-        if p.is_dir():
+        if not is_url(item) and p.is_dir():
             idx = p / SHARDS_MANIFEST
             names = ([s["url"] for s in json.loads(idx.read_text())["shards"]] if idx.is_file()
                      else sorted(q.name for q in p.glob("*.tar")))
@@ -63,13 +77,117 @@ def expand_shards(spec: str | Sequence[str]) -> list[Path]:
                 raise InputError(f"{p}: no shards ({SHARDS_MANIFEST} or *.tar)")
             out.extend(p / n for n in names)
         else:
-            out.extend(Path(u) for u in expand_urls(str(item)))
-    missing = [str(p) for p in out if not p.is_file()]
+            out.extend(u if is_url(u) else Path(u.removeprefix("file://")) for u in expand_urls(str(item)))
+    missing = [str(p) for p in out if isinstance(p, Path) and not p.is_file()]
     if missing:
         raise InputError(f"shard(s) not found: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     if not out:
         raise InputError(f"no shards in {spec!r}")
     return out
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except FileNotFoundError:  # evicted meanwhile by another worker
+        return 0.0
+
+
+class ShardFetcher:
+    """Local copies of remote shards, fetched whole and sequentially into a spool folder.
+
+    The seeded order shuffles the samples of several shards together and resume seeks to a sample,
+    so a shard is read by offsets, as local ones are: each remote tar is streamed once (bounded memory:
+    1 MiB at a time, no range requests needed, so plain HTTP servers and ``pipe:`` commands work) into
+    the spool, then indexed and read there. The spool is shared by the DataLoader workers of a stream
+    (a lock per shard: one download each) and keeps the ``keep`` most recently used shards (None: all).
+    A failed fetch (dropped connection, command error) is retried ``retries`` times, then the shard is
+    marked failed: it reads as empty for the rest of this process, and ``failed()`` counts it.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, folder: str | Path | None = None, keep: int | None = None, retries: int = 3,
+                 storage_options: dict | None = None, timeout: float = 60.0):
+        self.owned = folder is None
+        self.folder = Path(folder or tempfile.mkdtemp(prefix="llm2clip-shards-"))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.keep, self.retries, self.timeout = keep, retries, timeout
+        self.storage_options = dict(storage_options or {})
+        self.pid = os.getpid()
+        if self.owned:  # removed by the process that made it, not by DataLoader workers (forked copies)
+            atexit.register(self.close)
+
+    def close(self) -> None:
+        if self.owned and os.getpid() == self.pid:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _name(self, url: str) -> str:
+        return hashlib.sha256(url.encode()).hexdigest()[:24]
+
+    def failed(self) -> int:
+        return sum(1 for _ in self.folder.glob("*.failed"))
+
+    def local(self, url: str) -> Path | None:
+        """The spooled copy of ``url`` (fetched now if needed), or None once it has failed."""
+        name = self._name(url)
+        dest, mark = self.folder / f"{name}.tar", self.folder / f"{name}.failed"
+        with open(self.folder / f"{name}.lock", "wb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch per shard, however many workers ask
+            if dest.is_file():
+                os.utime(dest)  # recently used: evicted last
+                return dest
+            if mark.is_file():
+                return None
+            for attempt in range(self.retries + 1):
+                tmp = dest.with_suffix(".part")
+                try:
+                    with open(tmp, "wb") as out:
+                        self._copy(url, out)
+                    os.replace(tmp, dest)
+                    break
+                except Exception as err:  # any transport error: retried, then the shard skipped
+                    tmp.unlink(missing_ok=True)
+                    if attempt == self.retries:
+                        log.warning("%s: skipped after %d failed tries (%s)", url, attempt + 1,
+                                    " ".join(str(err).split())[:200] or type(err).__name__)
+                        mark.write_text(url)
+                        return None
+                    log.info("%s: try %d failed (%s); fetching again", url, attempt + 1, type(err).__name__)
+                    time.sleep(min(0.1 * 2**attempt, 5.0))
+        self._evict(dest)
+        return dest
+
+    def _copy(self, url: str, out) -> None:
+        if url.startswith("pipe:"):
+            proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)
+            try:
+                shutil.copyfileobj(proc.stdout, out, self.CHUNK)
+            finally:
+                proc.stdout.close()
+                rc = proc.wait()
+            if rc:
+                raise OSError(f"the command exited with status {rc}")
+            return
+        import fsspec
+
+        opts = dict(self.storage_options)
+        if url.split("://", 1)[0] in ("http", "https"):
+            opts.setdefault("block_size", 0)  # one streamed GET: no range requests, which plain servers lack
+            if "client_kwargs" not in opts:
+                import aiohttp  # fsspec's http transport; a stalled server times out rather than hangs
+
+                opts["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=self.timeout,
+                                                                          sock_read=self.timeout)}
+        with fsspec.open(url, "rb", **opts) as f:
+            shutil.copyfileobj(f, out, self.CHUNK)
+
+    def _evict(self, just: Path) -> None:
+        if self.keep is None:
+            return
+        spooled = sorted((p for p in self.folder.glob("*.tar") if p != just), key=_mtime)
+        for p in spooled[: max(0, len(spooled) + 1 - self.keep)]:
+            p.unlink(missing_ok=True)  # a worker still reading it keeps its open file
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -129,28 +247,36 @@ def parse_captions(data: bytes, where: str) -> dict[str, list[Caption]]:
     return out
 
 
-def load_shard_records(paths: Sequence[Path]) -> tuple[list[Record], Callable[[int], Image.Image]]:
+def load_shard_records(shards: Sequence[Path | str], fetcher: ShardFetcher | None = None,
+                       ) -> tuple[list[Record], Callable[[int], Image.Image]]:
     """Every sample as a Record (image = its index) and an image loader: for validation sets and in-memory
-    caption encoding, which need all captions up front. Samples with an unreadable json are left out."""
+    caption encoding, which need all captions up front. Samples with an unreadable json are left out.
+    Remote shards are spooled whole by ``fetcher`` (a new one, keeping all, by default)."""
+    if fetcher is None and any(is_url(s) for s in shards):
+        fetcher = ShardFetcher()
     refs: list[tuple[Path, tuple[int, int] | None]] = []
     records: list[Record] = []
     dropped = 0
-    for path in paths:
+    where = str(shards[0]).rsplit("/", 1)[0]
+    for shard in shards:
+        path = fetcher.local(str(shard)) if is_url(shard) else Path(shard)
+        if path is None:
+            continue
         with open(path, "rb") as f:
             for key, members in index_shard(path):
                 try:
-                    caps = parse_captions(_read(f, members["json"]), f"{path}:{key}")
+                    caps = parse_captions(_read(f, members["json"]), f"{shard}:{key}")
                 except (KeyError, OSError, ValueError):
                     dropped += 1
                     continue
                 records.append(Record(len(refs), caps))
                 refs.append((path, _image_span(members)))
     if dropped:
-        log.warning("%d samples without a readable json were left out of %s", dropped, paths[0].parent)
+        log.warning("%d samples without a readable json were left out of %s", dropped, where)
     if not records:
-        raise InputError(f"no samples in {len(paths)} shard(s) under {paths[0].parent}")
+        raise InputError(f"no samples in {len(shards)} shard(s) under {where}")
 
-    def load(i: int) -> Image.Image:
+    def load(i: int, fetcher=fetcher) -> Image.Image:  # (holds the spool of remote shards)
         path, span = refs[i]
         if span is None:
             raise OSError("the sample has no image")
@@ -184,13 +310,17 @@ class ShardStream(torch.utils.data.IterableDataset):
     of the whole stream so it knows where its batches start, and decodes only its own. An unreadable
     sample (image or json) is replaced by the next readable one of its group and counted in
     ``skipped``, so the position never depends on what could be decoded. ``position`` is where the
-    stream continues after the batch.
+    stream continues after the batch (with ``skipped_shards``: remote shards given up on, once any was).
+
+    Remote shards (URLs) are spooled by a ``ShardFetcher`` shared by the workers, keeping the shards of
+    the last few groups, and read like local ones: the same batches and positions.
     """
 
     def __init__(self, shards: Sequence[Path], micro_batch: int, world: int = 1, rank: int = 0, seed: int = 0,
                  transform=None, kinds: dict[str, float] | None = None, features=None,
                  tokenize: Callable[[list[str]], torch.Tensor] | None = None, shuffle_shards: int = 4,
-                 start: dict | None = None, num_batches: int | None = None, max_tries: int = 64):
+                 start: dict | None = None, num_batches: int | None = None, max_tries: int = 64,
+                 fetcher: ShardFetcher | None = None):
         if (features is None) == (tokenize is None):
             raise ValueError("give exactly one of features (adapter) or tokenize (CLIP text tower)")
         if len(shards) < world:
@@ -199,12 +329,19 @@ class ShardStream(torch.utils.data.IterableDataset):
         kinds = dict(kinds or {"short": 0.5, "dense": 0.5})
         if not kinds or any(p < 0 for p in kinds.values()) or sum(kinds.values()) <= 0:
             raise InputError(f"caption_kinds must give non-negative probabilities with a positive sum: {kinds}")
-        self.shards, self.micro, self.world, self.rank, self.seed = [Path(s) for s in shards], micro_batch, world, \
-            rank, seed
+        self.shards = [s if is_url(s) else Path(s) for s in shards]
+        self.micro, self.world, self.rank, self.seed = micro_batch, world, rank, seed
         self.transform, self.kinds, self.features, self.tokenize = transform, kinds, features, tokenize
         self.k, self.start, self.num_batches, self.max_tries = shuffle_shards, dict(start or {}), num_batches, max_tries
         self._groups: dict[tuple[int, int], list] = {}
         self._files: dict[int, object] = {}
+        if fetcher is None and any(isinstance(s, str) for s in self.shards):
+            fetcher = ShardFetcher(keep=4 * shuffle_shards + 4)  # the shards of the groups cached below
+        self.fetcher = fetcher
+
+    def _local(self, s: int) -> Path | None:
+        shard = self.shards[s]
+        return self.fetcher.local(shard) if isinstance(shard, str) else shard
 
     # -------------------------------------------------------------------------------- the order
     def _rank_shards(self, epoch: int) -> list[int]:
@@ -219,13 +356,17 @@ class ShardStream(torch.utils.data.IterableDataset):
         if got is None:
             samples = [(s, i, key, members)
                        for s in self._rank_shards(epoch)[g * self.k : (g + 1) * self.k]
-                       for i, (key, members) in enumerate(index_shard(self.shards[s]))]
+                       for i, (key, members) in enumerate(self._index(s))]
             order = _rng(self.seed, epoch, self.rank, g, 5).permutation(len(samples))
             got = [samples[i] for i in order]
             if len(self._groups) >= 4:  # a batch spans at most a few groups
                 self._groups.pop(next(iter(self._groups)))
             self._groups[(epoch, g)] = got
         return got
+
+    def _index(self, s: int) -> list:
+        path = self._local(s)
+        return [] if path is None else index_shard(path)
 
     def _take(self, pos: StreamPosition, n: int) -> tuple[list[tuple[int, int, int]], StreamPosition]:
         """The next ``n`` slots (epoch, group, index) and the position after them."""
@@ -251,7 +392,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         if f is None:
             if len(self._files) >= 16:
                 self._files.pop(next(iter(self._files))).close()
-            f = self._files[s] = open(self.shards[s], "rb")
+            path = self._local(s)
+            if path is None:
+                raise OSError(f"{self.shards[s]}: could not be fetched")
+            f = self._files[s] = open(path, "rb")
         return f
 
     def _caption(self, caps: dict[str, list[Caption]], rng: np.random.Generator, where: str) -> Caption:
@@ -289,7 +433,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        pos = StreamPosition(**self.start)
+        start = dict(self.start)
+        lost = int(start.pop("skipped_shards", 0))  # remote shards given up on before this (resumed) run
+        pos = StreamPosition(**start)
         b = 0
         try:
             while self.num_batches is None or b < self.num_batches:
@@ -297,7 +443,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if b % nw == wid:
                     imgs, caps, skipped = zip(*(self._sample(*slot) for slot in slots))
                     texts = batch_texts(caps, self.features, self.tokenize)
-                    yield torch.stack(imgs), texts, int(sum(skipped)), pos.as_dict()
+                    at = pos.as_dict()
+                    n_lost = lost + (self.fetcher.failed() if self.fetcher is not None else 0)
+                    if n_lost:
+                        at["skipped_shards"] = n_lost
+                    yield torch.stack(imgs), texts, int(sum(skipped)), at
                 b += 1
         finally:
             for f in self._files.values():
@@ -319,13 +469,26 @@ def stream_loader(src, cfg, dist_info, transform, features, tokenize, step: int,
         log.warning("the checkpoint holds no shard position; the webdataset stream starts from its beginning")
     elif saved is not None:
         if len(saved) != dist_info.world:
-            raise ConfigError(f"the checkpoint's shard positions are for {len(saved)} process(es); resume a "
-                              f"webdataset run with that many (got {dist_info.world})")
+            # rank r streams every world-th shard: another world size is another order, in which the
+            # saved positions would repeat some samples and skip others
+            raise ConfigError(f"the checkpoint's shard positions were saved by {len(saved)} process(es) and this "
+                              f"run has {dist_info.world}: a webdataset stream continues exactly only on the "
+                              f"world size that wrote it; resume a webdataset run with that many processes "
+                              f"({len(saved)}), or start a new run")
         start = saved[dist_info.rank]
-    stream = ShardStream(expand_shards(src.shards), T.batch_size // (dist_info.world * T.accum_steps),
+    shards = expand_shards(src.shards)
+    fetcher = source_fetcher(src, shards, keep=4 * src.shuffle_shards + 4)
+    stream = ShardStream(shards, T.batch_size // (dist_info.world * T.accum_steps),
                          dist_info.world, dist_info.rank, cfg.seed, transform, cfg.data.caption_kinds, features,
-                         tokenize, src.shuffle_shards, start, (T.steps - step) * T.accum_steps)
+                         tokenize, src.shuffle_shards, start, (T.steps - step) * T.accum_steps, fetcher=fetcher)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.workers)
+
+
+def source_fetcher(src, shards: Sequence, keep: int | None = None) -> ShardFetcher | None:
+    """The fetcher of a ``webdataset`` source's remote shards, with its options (None: all local)."""
+    if not any(is_url(s) for s in shards):
+        return None
+    return ShardFetcher(keep=keep, retries=src.retries, storage_options=src.storage_options, timeout=src.timeout)
 
 
 def sync_positions(data_state: dict) -> dict:

@@ -68,14 +68,26 @@ class WebDatasetSource(StrictModel):
     kind: Literal["webdataset"] = "webdataset"
     shards: str | list[str] = Field(
         description="a folder written by `llm2clip shards`, a brace pattern (shards/train-{000000..000009}.tar) "
-                    "or a list of tar files and patterns")
+                    "or a list of tar files and patterns; each may be a URL read through fsspec (s3://, gs://, "
+                    "https://, file://, ...) or a pipe:CMD whose output is the tar")
     shuffle_shards: int = Field(4, ge=1, description="samples are shuffled together across this many shards")
+    retries: int = Field(3, ge=0, description="remote shards: fetches again after a failed one, before the "
+                                              "shard is skipped (logged and counted)")
+    timeout: float = Field(60.0, gt=0, description="http(s) shards: seconds to connect or between reads "
+                                                   "before a try fails")
+    storage_options: dict = Field(default_factory=dict, description="remote shards: fsspec options "
+                                            "(e.g. endpoint_url, anon)")
 
     def resolve_paths(self, base: Path) -> None:
+        def rel(s: str) -> str:  # URLs and commands stay as written
+            from ..data.shards import is_url
+
+            return s if is_url(s) or s.startswith("file://") else _rel(s, base)
+
         if isinstance(self.shards, str):  # webdataset's '::' joins patterns; each resolves on its own
-            self.shards = "::".join(_rel(s, base) for s in self.shards.split("::"))
+            self.shards = "::".join(rel(s) for s in self.shards.split("::"))
         else:
-            self.shards = [_rel(s, base) for s in self.shards]
+            self.shards = [rel(s) for s in self.shards]
 
 
 DataSource = Annotated[ScenesSource | ManifestSource | FashionMnistSource | WebDatasetSource,

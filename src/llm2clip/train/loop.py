@@ -78,9 +78,10 @@ def build_source(src) -> tuple[list, object]:
         ds = fm.FashionMnist(src.split, src.count, src.root or fm.DEFAULT_DIR, src.per_class)
         return ds.records, ds.image
     if isinstance(src, WebDatasetSource):  # every sample's captions read up front (validation, in-memory encoding)
-        from ..data.shards import expand_shards, load_shard_records
+        from ..data.shards import expand_shards, load_shard_records, source_fetcher
 
-        return load_shard_records(expand_shards(src.shards))
+        shards = expand_shards(src.shards)
+        return load_shard_records(shards, source_fetcher(src, shards))
     raise TypeError(type(src).__name__)
 
 
