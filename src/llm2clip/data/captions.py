@@ -2,7 +2,8 @@
 
 Built in: the CuPL descriptions of 998 ImageNet classes (clip-benchmark's package data), split
 by a fixed seeded permutation of classes into train and held-out; optionally with the class
-name masked in every sentence. From files: JSONL of {"group": ..., "caption": ...}.
+name masked in every sentence. From files: an image manifest, the captions of each image one group
+(the older JSONL of {"group": ..., "caption": ...} still reads, with a deprecation warning).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from ..assets import clip_benchmark_file
 from ..errors import InputError
-from .jsonl import read_jsonl
+from .jsonl import is_manifest, read_jsonl, read_manifest, warn_old_shape
 
 CUPL_SPLIT_SEED = 0
 CUPL_HELDOUT_CLASSES = 200  # the held-out classes are fixed; train uses the other 798
@@ -79,11 +80,27 @@ def cupl_caption_set(split: str = "heldout", n_classes: int | None = 200, per_cl
                                                "mask_class_names": mask_class_names, "seed": seed})
 
 
-def load_caption_jsonl(path: str | Path) -> CaptionSet:
-    """JSONL with one {"group": ..., "caption": "..."} per line; errors name the file and line."""
+def load_caption_file(path: str | Path) -> CaptionSet:
+    """An image manifest (``llm2clip.data.jsonl.read_manifest``, JSONL or CSV): the captions of one image form
+    one group. Still read, with a deprecation warning: JSONL of {"group": ..., "caption": "..."} lines."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: caption file not found")
+    if is_manifest(path):
+        caps = list(read_manifest(path, need_text=True))
+        captions, groups = [c.text for c in caps], [c.image for c in caps]
+    else:
+        warn_old_shape(path, '{"group": ..., "caption": ...}')
+        captions, groups = _old_caption_lines(path)
+    if not captions:
+        raise InputError(f"{path}: no captions")
+    return CaptionSet(path.stem, captions, groups, {"file": str(path)})
+
+
+load_caption_jsonl = load_caption_file  # the earlier name
+
+
+def _old_caption_lines(path: Path) -> tuple[list[str], list[str]]:
     captions, groups = [], []
     for ln, rec in read_jsonl(path):
         for key in ("group", "caption"):
@@ -96,14 +113,12 @@ def load_caption_jsonl(path: str | Path) -> CaptionSet:
             raise InputError(f"{path}:{ln}: field 'group' must be a string or an integer")
         captions.append(cap.strip())
         groups.append(str(rec["group"]))
-    if not captions:
-        raise InputError(f"{path}: no captions")
-    return CaptionSet(path.stem, captions, groups, {"file": str(path)})
+    return captions, groups
 
 
 def caption_set_from_name(name: str, mask_class_names: bool = False, n_classes: int | None = 200,
                           per_class: int = 5) -> CaptionSet:
-    """'cupl-heldout', 'cupl-train', or a JSONL path."""
+    """'cupl-heldout', 'cupl-train', or a caption file (an image manifest)."""
     if name in ("cupl-heldout", "cupl-train"):
         return cupl_caption_set(name.split("-")[1], n_classes, per_class, mask_class_names)
-    return load_caption_jsonl(name)
+    return load_caption_file(name)

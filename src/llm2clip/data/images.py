@@ -12,7 +12,6 @@ which the cross-process gather needs) and counted; the training loop turns too m
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 from collections.abc import Callable, Sequence
@@ -28,7 +27,7 @@ from pydantic import Field
 from ..config import StrictModel
 from ..errors import InputError
 from ..fileio import image_errors, open_image
-from .jsonl import read_jsonl
+from .jsonl import read_manifest
 
 
 class CaptionFeatures(Protocol):
@@ -157,44 +156,19 @@ def image_path(root: Path, name: str, where: str, allow_absolute: bool = False) 
 
 def load_manifest(path: str | Path, image_root: str | Path | None = None,
                   allow_absolute_paths: bool = False) -> list[Record]:
-    """JSONL, one image per line: {"image": "a.jpg", "captions": [{"id": "c1", "kind": "dense", "text": "..."}]}
-    (text optional); or CSV with columns image, caption_id, kind[, text], one caption per row, rows of an
-    image grouped by its path. Relative image paths are taken from ``image_root`` (default: the manifest's
-    folder) and must stay inside it; absolute ones need ``allow_absolute_paths``."""
+    """Image records of a manifest (``llm2clip.data.jsonl.read_manifest``: JSONL, one image per line,
+    {"image": "a.jpg", "captions": [{"id": "c1", "kind": "dense", "text": "..."}]}, text optional; or CSV
+    image, caption_id, kind[, text], rows of an image grouped by its path). Relative image paths are taken
+    from ``image_root`` (default: the manifest's folder) and must stay inside it; absolute ones need
+    ``allow_absolute_paths``."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: manifest not found")
     root = Path(image_root) if image_root else path.parent
     records: dict[str, Record] = {}
-
-    def record(name: str, ln: int) -> Record:  # the image's record; its path checked on first sight
-        if name not in records:
-            records[name] = Record(image_path(root, name, f"{path}:{ln}", allow_absolute_paths))
-        return records[name]
-
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = {"image", "caption_id", "kind"} - set(reader.fieldnames or [])
-            if missing:
-                raise InputError(f"{path}:1: missing column(s) {', '.join(sorted(missing))}")
-            for ln, row in enumerate(reader, 2):
-                if not row["image"] or not row["caption_id"] or not row["kind"]:
-                    raise InputError(f"{path}:{ln}: image, caption_id and kind must be non-empty")
-                rec = record(row["image"], ln)
-                _add(rec, row["kind"], row["caption_id"], row.get("text") or None)
-    else:
-        for ln, row in read_jsonl(path):
-            if not isinstance(row.get("image"), str):
-                raise InputError(f"{path}:{ln}: expected an object with a string field 'image'")
-            caps = row.get("captions")
-            if not isinstance(caps, list) or not caps:
-                raise InputError(f"{path}:{ln}: field 'captions' must be a non-empty list")
-            rec = record(row["image"], ln)
-            for c in caps:
-                if not isinstance(c, dict) or not isinstance(c.get("id"), str) or not isinstance(c.get("kind"), str):
-                    raise InputError(f"{path}:{ln}: each caption needs string fields 'id' and 'kind'")
-                _add(rec, c["kind"], c["id"], c.get("text"))
+    for cap in read_manifest(path):
+        rec = records.get(cap.image)
+        if rec is None:  # the image's path checked on first sight
+            rec = records[cap.image] = Record(image_path(root, cap.image, cap.where, allow_absolute_paths))
+        _add(rec, cap.kind, cap.id, cap.text)
     if not records:
         raise InputError(f"{path}: no records")
     return list(records.values())

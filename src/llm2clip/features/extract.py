@@ -1,7 +1,8 @@
 """The extraction job: every caption embedded once, offline, into a FeatureStore (docs/METHOD.md 2).
 
-Captions come from JSONL/CSV manifests or the built-in CuPL sets. Equal caption texts share
-one row; rows are the unique texts in first-seen order, cut into fixed-size shards. A shard is
+Captions come from image manifests (the caption-record shape stage 2 and eval-text read too; older
+{id, caption} JSONL/CSV files still read, with a deprecation warning) or the built-in CuPL sets.
+Equal caption texts share one row; rows are the unique texts in first-seen order, cut into fixed-size shards. A shard is
 a pure function of its texts, so a killed run resumes by skipping the shards on disk, and
 ``torchrun --nproc_per_node=N`` gives shard k to rank k % N: both give the same bytes as one
 uninterrupted process.
@@ -23,7 +24,7 @@ from pydantic import Discriminator, Field, Tag, field_validator
 from tqdm.auto import tqdm
 
 from ..config import StrictModel, load_config
-from ..data.jsonl import read_jsonl
+from ..data.jsonl import is_manifest, read_jsonl, read_manifest, warn_old_shape
 from ..errors import InputError
 from ..jobs import Job
 from ..text.config import TextEncoderConfig
@@ -50,12 +51,14 @@ StoreDType = Literal["float16", "bfloat16", "float32"]
 
 # ------------------------------------------------------------------------------------- config
 class FileSource(StrictModel):
-    """A caption manifest: JSONL (one object per line) or CSV/TSV with a header row."""
+    """A caption file: an image manifest (every caption's id and text; llm2clip.data.jsonl.read_manifest), or,
+    deprecated, JSONL of {id, caption} objects or CSV/TSV with id and caption columns."""
 
     path: str
-    format: Literal["auto", "jsonl", "csv", "tsv"] = Field("auto", description="auto: from the file suffix")
-    id_field: str = "id"
-    caption_field: str = "caption"
+    format: Literal["auto", "manifest", "jsonl", "csv", "tsv"] = Field(
+        "auto", description="auto: a manifest when the file's first row is one, else jsonl/csv/tsv by the suffix")
+    id_field: str = Field("id", description="jsonl/csv/tsv only")
+    caption_field: str = Field("caption", description="jsonl/csv/tsv only")
 
 
 class BuiltinSource(StrictModel):
@@ -186,7 +189,14 @@ def iter_source(src) -> Iterator[tuple[str, str, str]]:
     if fmt == "auto":
         fmt = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}.get(path.suffix.lower())
         if fmt is None:
-            raise InputError(f"{path}: cannot tell the format from the suffix; set format: jsonl, csv or tsv")
+            raise InputError(f"{path}: cannot tell the format from the suffix; set format: manifest, jsonl, csv "
+                             "or tsv")
+        if fmt != "tsv" and is_manifest(path):
+            fmt = "manifest"
+    if fmt == "manifest":
+        yield from ((c.id, c.text, c.where) for c in read_manifest(path, need_text=True))
+        return
+    warn_old_shape(path, f'{fmt.upper()} {{"{src.id_field}", "{src.caption_field}"}}')
     if fmt == "jsonl":
         yield from _read_jsonl(src, path)
     else:
