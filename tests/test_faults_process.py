@@ -95,14 +95,21 @@ def _clean_up(procs: list[subprocess.Popen], pids: list[int]) -> None:
 
 @pytest.mark.slow
 @needs_linux
-def test_sigkill_of_the_main_process_takes_its_workers_along(tmp_path):
+@pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C"])
+def test_killing_the_main_process_takes_its_workers_along(tmp_path, how):
     run_dir = tmp_path / "run"
     proc, pids = _run_smoke(run_dir), []
     try:
         pids = _wait_for_workers(proc, run_dir)
-        proc.kill()
-        proc.wait()
+        if how == "SIGKILL":
+            proc.kill()
+        else:  # a terminal's Ctrl-C: SIGINT to the whole foreground process group
+            os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(60)
         assert _wait_gone(pids) == [], "the stage workers outlived their main process"
+        if how == "Ctrl-C":
+            assert code == 130 and "interrupted: run the same command again to resume" in proc.communicate()[1]
+            assert not fileio.lock_path(run_dir).exists()
         with fileio.folder_lock(run_dir):  # its lock died with it: no stale lock
             pass
     finally:
@@ -204,6 +211,13 @@ def test_zero_and_negative_run_flags_are_refused_like_the_config_fields(tmp_path
     err = _error(capsys, *argv, "--run-dir", str(tmp_path / "run"))
     assert f"{flag}: Input should be greater than or equal to 1" in err
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("argv", [["-k", "0"], ["--classes", "0"], ["--per-class", "-1"]])
+def test_eval_text_zero_counts_are_refused(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(["eval-text", "-e", "random:dim=8", *argv])
+    assert e.value.code == 2 and f"argument {argv[0]}: " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("steps", ["0", "-5"])

@@ -33,11 +33,27 @@ def _add_eval_text(sub) -> None:
     p.add_argument("--captions", "-c", action="append", default=None,
                    help="caption set (repeatable; default cupl-heldout)")
     p.add_argument("--mask-class-names", action="store_true", help="CuPL: replace class names by 'X'")
-    p.add_argument("--classes", type=int, default=200, help="CuPL: number of classes (default 200)")
-    p.add_argument("--per-class", type=int, default=5, help="CuPL: descriptions per class (default 5)")
-    p.add_argument("-k", type=int, nargs="+", default=[1, 5, 10], help="K values (default 1 5 10)")
+    p.add_argument("--classes", type=at_least(2), default=200, help="CuPL: number of classes (default 200)")
+    p.add_argument("--per-class", type=at_least(2), default=5, help="CuPL: descriptions per class (default 5)")
+    p.add_argument("-k", type=at_least(1), nargs="+", default=[1, 5, 10], help="K values (default 1 5 10)")
     p.add_argument("--out", type=Path, help="write the rows as JSON here")
     p.set_defaults(func=_run_eval_text)
+
+
+def at_least(low: int):
+    """An argparse type: an integer >= ``low`` (0 is a value to check, never a flag left out)."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{n} is below the least value {low}")
+        return n
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
 
 
 def _run_eval_text(args) -> int:
