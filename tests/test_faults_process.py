@@ -162,6 +162,19 @@ def test_a_live_holder_is_named_and_a_killed_one_leaves_no_lock(tmp_path):
     assert not fileio.lock_path(out).exists()
 
 
+def test_a_finished_job_lets_its_folder_go(tmp_path):
+    from llm2clip.jobs import Job
+
+    out = tmp_path / "job"
+    job = Job(out, "demo", "manifest.json")
+    assert fileio.lock_path(out).read_text() == f"{os.getpid()}\n"
+    job.open({"a": 1})
+    job.complete(b"{}")
+    assert not fileio.lock_path(out).exists()
+    assert Job(out, "demo", "manifest.json").is_complete()  # a check of a finished job keeps no lock
+    assert not fileio.lock_path(out).exists()
+
+
 # ------------------------------------------------------------------------------ a stage's whole record
 def test_stage1_killed_between_encoder_and_summary_is_finished_on_rerun(tmp_path):
     cfg = load_pipeline_config("smoke")

@@ -321,8 +321,11 @@ def lock_folder(folder: str | Path, what: str = "llm2clip") -> Path | None:
         if same:
             break
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:  # a full disk: the lock holds all the same, without the PID to name
+        pass
     _HELD[str(lock)] = (fd, os.getpid())
     return lock
 

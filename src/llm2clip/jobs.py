@@ -15,7 +15,7 @@ killed job leaves a record, finished parts and at most some temp files, which ``
 
 Every ``Job`` is a writer: making one claims its folder for this process (``fileio.lock_folder``, an OS
 lock that dies with the process), so a second process on the same folder fails at once, naming the
-first one's PID; ``complete`` releases it.
+first one's PID; ``complete`` releases it, and so does ``is_complete`` when it finds the job finished.
 """
 
 from __future__ import annotations
@@ -62,7 +62,11 @@ class Job:
         return self.folder / self.manifest
 
     def is_complete(self) -> bool:
-        return self.manifest_path.is_file()
+        """True once the manifest exists; a finished job has no writer, so this process lets the folder go."""
+        if self.manifest_path.is_file():
+            unlock_folder(self.folder)
+            return True
+        return False
 
     def is_started(self) -> bool:
         return self.record_path.is_file()
