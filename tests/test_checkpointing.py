@@ -1,6 +1,7 @@
 """The checkpoint format of both training stages: plain data only, atomic folders, newest-complete discovery."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,3 +65,57 @@ def test_unknown_layouts_and_paths_fail_clearly(tmp_path):
     C.write_checkpoint(tmp_path / "c", 1, {}, "stage1")
     with pytest.raises(InputError, match="a stage1 checkpoint, not a stage2 one"):
         C.load_state(tmp_path / "c" / "step_00000001", "stage2")
+
+
+def test_shared_files_go_into_the_step_folder_with_the_state(tmp_path):
+    """``write_shared``: files every rank writes (sharded state), here in one process, in a subfolder."""
+    def shards(d):
+        (d / "dcp").mkdir()
+        (d / "dcp" / "__0_0.distcp").write_bytes(b"s")
+
+    C.write_checkpoint(tmp_path, 3, {"x": 1}, "stage2", lambda d: (d / "m.json").write_text("{}"), keep=1,
+                       write_shared=shards)
+    assert sorted(p.name for p in (tmp_path / "step_00000003").iterdir()) == ["dcp", "m.json", C.STATE_FILE]
+    assert C.load_state(tmp_path / "step_00000003")["x"] == 1
+
+
+def _collective_writer(rank, world, port, root):
+    import os
+    import traceback
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    outcome = []
+    for step, fail in ((1, False), (2, True)):
+        def files(d, fail=fail):
+            if fail:
+                raise OSError("disk full")
+            (d / "m.json").write_text("{}")
+
+        try:
+            C.write_checkpoint(root, step, {"step_of": step}, "stage2", files,
+                               write_shared=lambda d, rank=rank: (d / f"shard{rank}").write_bytes(b"x"))
+            outcome.append("ok")
+        except OSError as err:
+            outcome.append(str(err))
+    (Path(root) / f"outcome{rank}.txt").write_text("\n".join(outcome))
+    try:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    except Exception:  # the test reads the outcome files
+        traceback.print_exc()
+    os._exit(0)
+
+
+@pytest.mark.slow
+def test_a_collective_checkpoint_is_one_folder_and_a_rank0_failure_ends_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+    from stage2_helpers import free_port
+
+    mp.spawn(_collective_writer, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert sorted(p.name for p in (tmp_path / "step_00000001").iterdir()) == ["m.json", "shard0", "shard1",
+                                                                              C.STATE_FILE]
+    assert [p.name for p in C.list_checkpoints(tmp_path)] == ["step_00000001"]  # step 2 failed: not published
+    assert (tmp_path / "outcome0.txt").read_text() == "ok\ndisk full"
+    assert (tmp_path / "outcome1.txt").read_text().splitlines() == [
+        "ok", f"checkpoint {tmp_path / 'step_00000002'}: rank 0 could not write it (OSError: disk full)"]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left

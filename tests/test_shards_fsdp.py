@@ -198,14 +198,20 @@ def test_fsdp_two_processes_on_shards_match_one_and_resume(tmp_path):
     ea = [json.loads(x) for x in (tmp_path / "one/metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     eb = [json.loads(x) for x in (tmp_path / "fsdp/metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert [r["step"] for r in eb] == [2, 4] and eb[-1]["eval"] == pytest.approx(ea[-1]["eval"], abs=1e-6)
-    oa = torch.load(tmp_path / "one/checkpoints/step_00000004/train_state.pt", weights_only=False)["optimizer"]
-    ob = torch.load(tmp_path / "fsdp/checkpoints/step_00000004/train_state.pt", weights_only=False)["optimizer"]
-    assert oa["state"].keys() == ob["state"].keys()
-    for k in oa["state"]:
-        for name in ("exp_avg", "exp_avg_sq"):
-            assert torch.allclose(oa["state"][k][name], ob["state"][k][name], atol=1e-6, rtol=1e-4)
-    # An FSDP checkpoint is an ordinary one: a single process resumes it as it resumes its own. (A shard
-    # stream cannot change its number of ranks, so these resumes train on scenes.)
+    # The FSDP checkpoint is sharded (each rank's shard in dcp/); its weights are the single process's.
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(tmp_path / "fsdp/checkpoints/step_00000004/dcp", tmp_path / "full.pt")
+    full = torch.load(tmp_path / "full.pt", weights_only=True)
+    from safetensors.torch import load_file
+
+    _same(load_file(str(tmp_path / "one/checkpoints/step_00000004/model.safetensors")), full["model"], atol=1e-5)
+    oa = torch.load(tmp_path / "one/checkpoints/step_00000004/train_state.pt", weights_only=True)["optimizer"]
+    assert len(oa["state"]) == len(full["optim"]["state"])
+    # A single process resumes it as it resumes its own. (A shard stream cannot change its number of
+    # ranks, which the resume says, so these resumes train on scenes.)
+    with pytest.raises(ConfigError, match=r"saved by 2 process\(es\) and this run has 1"):
+        fit(_cfg(tmp_path / "fsdp", **{**over, "train__steps": 5}), resume=True, progress=False)
     scenes = {**over, "data__train": {"kind": "scenes", "count": 16, "render_size": 16}, "data__val": None,
               "train__steps": 3}
     for run in ("one", "fsdp"):

@@ -2,7 +2,8 @@
 
 Layout: ``<root>/step_00000100/`` with ``train_state.pt`` (the training state: tensors, numbers, strings,
 lists, tuples and dicts only) beside whatever files the trainer adds (stage 2: the model as safetensors
-and its manifest). A checkpoint is built in a hidden temp folder, every file fsynced, then renamed into
+and its manifest, or under FSDP a ``dcp/`` folder of every rank's shards). A checkpoint is built in a hidden
+temp folder (all ranks write their shards into the same one), every file fsynced, then renamed into
 place, so a kill mid-write leaves the previous checkpoint as the newest complete one.
 
 The state is read with ``torch.load(weights_only=True)``: a file that carries a pickled object (a
@@ -141,19 +142,39 @@ def clear(root: str | Path) -> int:
 
 # ---------------------------------------------------------------------------------------- write
 def _fsync_files(folder: Path) -> None:
-    for p in folder.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
+    for sub, _, files in os.walk(folder, topdown=False):  # sharded state sits in a subfolder
+        for name in files:
+            with open(Path(sub) / name, "rb") as f:
                 os.fsync(f.fileno())
-    fsync_dir(folder)
+        fsync_dir(sub)
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def _from_rank0(obj):
+    dist = _dist()
+    if dist is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def write_checkpoint(root: str | Path, step: int, state: dict, stage: str,
-                     write_files: Callable[[Path], None] | None = None, keep: int | None = None) -> Path:
+                     write_files: Callable[[Path], None] | None = None, keep: int | None = None,
+                     write_shared: Callable[[Path], None] | None = None) -> Path:
     """Write ``state`` (plain data) and the files ``write_files(folder)`` makes as checkpoint ``step``.
 
-    ``keep``: prune to that many checkpoints afterwards (None: keep all).
+    ``keep``: prune to that many checkpoints afterwards (None: keep all). ``write_shared(folder)``: files
+    every rank writes into the same folder (sharded state); with it, this is a collective that every
+    rank calls, and rank 0 alone writes ``state`` and ``write_files``' files.
     """
+    if write_shared is not None:
+        return _write_collective(root, step, state, stage, write_files, keep, write_shared)
     final = step_dir(root, step)
     full = {"format": FORMAT, "version": VERSION, "stage": stage, "step": int(step), **state}
     # built beside, swapped in whole (the same step saved again replaces the old folder)
@@ -165,6 +186,38 @@ def write_checkpoint(root: str | Path, step: int, state: dict, stage: str,
         write_atomic(tmp / STATE_FILE, lambda f: torch.save(full, f))
     if keep is not None:
         prune(root, keep)
+    return final
+
+
+def _write_collective(root, step, state, stage, write_files, keep, write_shared) -> Path:
+    """Rank 0 builds the temp folder and tells every rank where it is (``("tmp", path)``); all write their
+    shards there; rank 0 adds its files and the state, publishes, and tells its outcome (``("ok", None)``),
+    or at any point ``("err", why)``, so that no rank waits on one that failed."""
+    dist = _dist()
+    final = step_dir(root, step)
+    if dist is not None and dist.get_rank() != 0:
+        kind, val = _from_rank0(None)
+        if kind == "tmp":
+            try:
+                write_shared(Path(val))
+            finally:
+                kind, val = _from_rank0(None)
+        if kind == "err":
+            raise OSError(f"checkpoint {final}: rank 0 could not write it ({val})")
+        return final
+
+    def files(tmp: Path) -> None:
+        _from_rank0(("tmp", str(tmp)))
+        write_shared(tmp)
+        if write_files is not None:
+            write_files(tmp)
+
+    try:
+        write_checkpoint(root, step, state, stage, files, keep)
+    except BaseException as err:
+        _from_rank0(("err", f"{type(err).__name__}: {err}"))
+        raise
+    _from_rank0(("ok", None))
     return final
 
 

@@ -2,7 +2,9 @@
 
 Layout (llm2clip.checkpointing, shared with stage 1):
 ``<run_dir>/checkpoints/step_00000100/{model.safetensors, llm2clip_model.json, train_state.pt}``, written
-to a temp folder and renamed, read back with ``torch.load(weights_only=True)``.
+to a temp folder and renamed, read back with ``torch.load(weights_only=True)``. An FSDP run writes
+``dcp/`` (every rank's shards of the model and optimizer, train.fsdp.save_sharded) in place of
+model.safetensors and the state's optimizer; either kind resumes under any strategy and world size.
 """
 
 from __future__ import annotations
@@ -53,12 +55,21 @@ def save_model(model, path: str | Path, state_dict: dict | None = None) -> Path:
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, scaler, data_state: dict,
                     config: dict, keep: int = 2, full_state: tuple[dict, dict] | None = None,
-                    rng: list[dict] | None = None) -> Path:
+                    rng: list[dict] | None = None, sharded: bool = False) -> Path:
     """``full_state``: (model, optimizer) state gathered from a sharded model (train.fsdp.gather_full_state);
-    ``rng``: every rank's generator states (``all_rng_states``, gathered on all ranks), else this process's."""
-    state = {"optimizer": full_state[1] if full_state else optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+    ``rng``: every rank's generator states (``all_rng_states``, gathered on all ranks), else this process's.
+    ``sharded``: model and optimizer into ``dcp/`` by every rank, the rest by rank 0 (a collective: every
+    rank calls it)."""
+    state = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
              "data": data_state, "rng": rng if rng is not None else [rng_state()], "config": config}
+    if sharded:
+        from ..model import MODEL_MANIFEST
+        from .fsdp import DCP_DIR, save_sharded
+
+        return write_checkpoint(checkpoint_dir(run_dir), step, {**state, "optimizer": None}, STAGE,
+                                lambda tmp: write_json_atomic(tmp / MODEL_MANIFEST, model.manifest()), keep,
+                                write_shared=lambda tmp: save_sharded(model, optimizer, tmp / DCP_DIR))
+    state["optimizer"] = full_state[1] if full_state else optimizer.state_dict()
     return write_checkpoint(checkpoint_dir(run_dir), step, state, STAGE,
                             lambda tmp: save_model(model, tmp, full_state[0] if full_state else None), keep)
 
@@ -85,12 +96,16 @@ def resolve_resume(run_dir: str | Path, resume: str | bool | None) -> Path | Non
 
 def load_weights_and_optimizer(model, optimizer, ckpt: Path, optimizer_state: dict, sharded: bool,
                                device: torch.device) -> None:
-    """Model weights and optimizer state of checkpoint ``ckpt``; ``sharded``: into an FSDP-sharded model."""
+    """Model weights and optimizer state of checkpoint ``ckpt``; ``sharded``: into an FSDP-sharded model.
+    A sharded checkpoint (``dcp/``) loads into either, resharded to this run's world size."""
     from safetensors.torch import load_file, load_model
 
     from ..model import MODEL_WEIGHTS
+    from .fsdp import DCP_DIR, load_sharded
 
-    if sharded:
+    if (ckpt / DCP_DIR).is_dir():
+        load_sharded(model, optimizer, ckpt / DCP_DIR)
+    elif sharded:
         from .fsdp import load_full_state
 
         load_full_state(model, optimizer, load_file(str(ckpt / MODEL_WEIGHTS)), optimizer_state)

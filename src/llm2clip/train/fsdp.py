@@ -6,17 +6,30 @@ run through the units' own hooks without registering extra forward methods. ``fu
 shard 0-dim parameters (the logit scale and bias): they stay replicated, and their gradients are
 averaged by ``reduce_replicated_grads``, as DDP would.
 
-Checkpoints hold the full state gathered on rank 0, in the same files and optimizer layout (states
-keyed by parameter index) as a DDP run: a run can resume under either strategy or world size, and
-the saved model is an ordinary one. That costs a gather of the whole model to rank 0's CPU at each
-checkpoint, fine for the towers of LLM2CLIP (well under 10B parameters).
+Checkpoints are sharded (``save_sharded``): ``torch.distributed.checkpoint`` (DCP) writes each rank's
+own shards of the model and optimizer into the step folder's ``dcp/``, with no gather; ``load_sharded``
+reads them into a model sharded over any number of ranks, or into a plain one (one process, DDP),
+so an FSDP run resumes on another world size. DCP reads its ``.metadata`` with pickle, so that file is
+first checked to hold only DCP's own record types (``check_metadata``), as the rest of a checkpoint is
+read weights-only. Only the final model export gathers the full state (``gather_full_state``), to write
+one ordinary safetensors file; ``load_full_state`` still resumes from a DDP run's full checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import pickle
+import warnings
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ..errors import InputError
+
+DCP_DIR = "dcp"  # in a step folder: the sharded model and optimizer state
 
 _BLOCK_LISTS = ("blocks", "resblocks", "layers")  # block containers across towers (see optim.py)
 
@@ -97,3 +110,81 @@ def load_full_state(model, optimizer, msd: dict, osd: dict) -> None:
     opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, msd, options=opts)
     set_optimizer_state_dict(model, optimizer, index_to_fqn(model, optimizer, osd), options=opts)
+
+
+def _dcp_state(model, optimizer) -> dict:
+    """The model's and optimizer's state as this rank holds it (its DTensor shards under FSDP), keyed by name."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    return {"model": msd, "optim": osd}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """One process saves or loads DCP on purpose: no warning that torch.distributed is not set up."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_sharded(model, optimizer, folder: str | Path) -> None:
+    """Every rank writes its own shards into ``folder`` (collective under torch.distributed)."""
+    import torch.distributed.checkpoint as dcp
+
+    with _quiet():
+        dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+
+
+def load_sharded(model, optimizer, folder: str | Path) -> None:
+    """Load a ``save_sharded`` folder, written by any number of ranks, into this (sharded or plain) model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    saved = check_metadata(folder).state_dict_metadata
+    state = _dcp_state(model, optimizer)  # the layout to fill: DCP reshards the saved chunks into it
+    missing = [k for k in state["model"] if f"model.{k}" not in saved]
+    if missing:
+        raise InputError(f"{folder}: the checkpoint lacks {len(missing)} weight(s) of this model, e.g. {missing[0]}")
+    # a parameter that never had a gradient has no optimizer state in the checkpoint: keep its fresh one
+    with _quiet():
+        dcp.load(state, checkpoint_id=str(folder), planner=DefaultLoadPlanner(allow_partial_load=True),
+                 no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+# what DCP's .metadata may name: its record classes and torch's plain value types, nothing that acts
+_SAFE = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
+         ("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        obj = None
+        if "." not in name:
+            if module == "torch.distributed.checkpoint.metadata":
+                obj = getattr(importlib.import_module(module), name, None)
+                obj = obj if isinstance(obj, type) and obj.__module__ == module else None
+            elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                obj = getattr(torch, name)
+            elif (module, name) in _SAFE:
+                obj = super().find_class(module, name)
+        if obj is None:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return obj
+
+
+def check_metadata(folder: str | Path):
+    """Refuse a DCP folder whose ``.metadata`` pickle names anything beyond DCP's records (it could run code)."""
+    f = Path(folder) / ".metadata"
+    if not f.is_file():
+        raise InputError(f"{folder}: not a sharded checkpoint (no .metadata)")
+    try:
+        with open(f, "rb") as fh:
+            return _MetadataUnpickler(fh).load()
+    except pickle.UnpicklingError as err:
+        raise InputError(f"{f}: refused: the file names {err}, not only checkpoint metadata, and loading it "
+                         "could run code") from None
+    except (EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
+        raise InputError(f"{f}: cannot read this checkpoint metadata ({err})") from None

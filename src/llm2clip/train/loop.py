@@ -197,7 +197,7 @@ class Stage2Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.step, self.data_state = 0, {"skipped": 0, "seen": 0}
         self.last: dict = {}
-        self.full = None  # FSDP: the state last gathered on rank 0
+        self.full = None  # FSDP: the full state gathered on rank 0 for the final model/
 
     # --------------------------------------------------------------------------------- setup
     def data(self) -> None:
@@ -366,13 +366,13 @@ class Stage2Trainer:
         # collective: the run's bad-image count, so that a resumed run logs it on from there
         self.data_state["skipped_global"] = self._skipped_base + global_figures(0.0, self.skipped_since_start(),
                                                                                  self.di.device)[1]
-        self.full = gather_full_state(self.net, self.optimizer) if self.fsdp else None  # collective
         rng = all_rng_states()  # collective: each rank resumes with its own generators
-        if self.di.main:
-            save_checkpoint(self.run_dir, self.step, self.net, self.optimizer, self.scheduler, self.scaler,
-                            self.data_state, self.cfg.model_dump(mode="json"), T.keep_checkpoints, self.full, rng)
-        if self.step < T.steps:
-            self.full = None  # rank 0's CPU holds the gathered state only for the final model/
+        args = (self.run_dir, self.step, self.net, self.optimizer, self.scheduler, self.scaler, self.data_state,
+                self.cfg.model_dump(mode="json"), T.keep_checkpoints)
+        if T.strategy == "fsdp":  # collective: each rank writes its own shards (dcp/), nothing is gathered
+            save_checkpoint(*args, rng=rng, sharded=True)
+        elif self.di.main:
+            save_checkpoint(*args, rng=rng)
         barrier()
 
     def training_record(self) -> dict:
