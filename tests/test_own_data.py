@@ -131,6 +131,12 @@ def test_the_old_shapes_still_read_with_one_deprecation_warning(tmp_path, caplog
     assert len(warned) == 3
     for path, msg in zip((flat, flat_csv, grouped), warned):
         assert str(path) in msg and '"captions": [{"id"' in msg
+    # a format set in the config reads a flat caption file (ids without images) and is not warned about
+    caplog.clear()
+    other = _jsonl(tmp_path / "other.jsonl", [{"id": "c-1", "caption": "a cat"}])
+    with caplog.at_level(logging.WARNING):
+        assert read_captions([FileSource(path=str(other), format="jsonl")]).ids == ["c-1"]
+    assert _deprecations(caplog) == []
 
 
 BAD = [
