@@ -211,7 +211,7 @@ def test_truncated_run_manifest(tmp_path, capsys):
     run_dir.mkdir()
     (run_dir / PIPELINE_MANIFEST).write_text('{"stages": {"data": {"key": "ab')
     err = _error(capsys, "run", "smoke", "--run-dir", str(run_dir))
-    assert f"{run_dir / PIPELINE_MANIFEST}: unreadable" in err
+    assert f"{run_dir / PIPELINE_MANIFEST}: not a valid run manifest (Unterminated string" in err
 
 
 @pytest.mark.parametrize("argv, flag", [

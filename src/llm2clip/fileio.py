@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ConfigError, Llm2ClipError
+from .errors import ConfigError, InputError, Llm2ClipError
 
 TMP_MARK = ".tmp-"
 LOCK_SUFFIX = ".lock"
@@ -126,6 +126,15 @@ def write_json_atomic(path: str | Path, obj, indent: int = 2, **kwargs) -> Path:
     """JSON with a trailing newline; values JSON cannot hold are written as ``str`` (paths, dtypes)."""
     kwargs.setdefault("default", str)
     return write_text_atomic(path, json.dumps(obj, indent=indent, **kwargs) + "\n")
+
+
+def read_json(path: str | Path, what: str = "JSON file", hint: str = ""):
+    """The JSON in ``path``; a damaged or truncated file is an ``InputError`` naming it (and ``hint``)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise InputError(f"{path}: not a valid {what} ({err}){'; ' + hint if hint else ''}") from None
 
 
 def remove_temp_files(folder: str | Path) -> int:

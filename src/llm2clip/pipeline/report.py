@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from ..fileio import markdown_table as _table
-from ..fileio import write_json_atomic
+from ..fileio import read_json, write_json_atomic
 from .config import ClipTeacher, LLMTeacher, PipelineConfig, variant_run
 from .runner import fmt_duration
 
@@ -105,7 +105,7 @@ def heldout_scores(run_dir: Path, ev: dict) -> dict[str, dict[str, np.ndarray]]:
             f = Path(run_dir) / "train" / r / HELDOUT_RANKS
             if not f.is_file():
                 break
-            for kind, ranks in json.loads(f.read_text())["ranks"].items():
+            for kind, ranks in read_json(f, "held-out ranks file")["ranks"].items():
                 per_kind.setdefault(kind, []).append(per_image_hits(ranks))
         else:
             out[variant] = {k: np.stack(v) for k, v in per_kind.items()}

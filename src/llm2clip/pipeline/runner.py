@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..fileio import check_output_folder, remove_temp_files, write_json_atomic
+from ..fileio import check_output_folder, read_json, remove_temp_files, write_json_atomic
 
 PIPELINE_MANIFEST = "manifest.json"
 
@@ -94,13 +94,11 @@ class Runner:
         self._lock = threading.Lock()
 
     def _read_manifest(self) -> dict:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
-                raise ValueError("not a run manifest (a JSON object with 'stages')")
-        except (UnicodeDecodeError, ValueError) as err:  # written atomically: only an outside hand truncates it
-            raise ConfigError(f"{self.path}: unreadable ({err}); restore it, or move {self.run_dir} away and "
-                              "run again") from None
+        # written atomically: only an outside hand truncates it
+        hint = f"restore it, or move {self.run_dir} away and run again"
+        data = read_json(self.path, "run manifest", hint)
+        if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+            raise ConfigError(f"{self.path}: not a run manifest (a JSON object with 'stages'); {hint}")
         return data
 
     # --------------------------------------------------------------------------- bookkeeping

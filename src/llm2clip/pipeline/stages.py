@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..data.jsonl import read_jsonl
-from ..fileio import write_text_atomic
+from ..fileio import read_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def run_eval(run_dir: str, scenes: dict, teachers: dict, variants: dict[str, lis
     cs = cupl_caption_set("heldout", cupl["classes"], cupl["per_class"], False)
     from .runner import PIPELINE_MANIFEST
 
-    recorded = json.loads((Path(run_dir) / PIPELINE_MANIFEST).read_text())["stages"]
+    recorded = read_json(Path(run_dir) / PIPELINE_MANIFEST, "run manifest")["stages"]
     out: dict = {"teachers": {},
                  "variants": {v: [recorded[f"train/{r}"]["result"] for r in runs] for v, runs in variants.items()},
                  "runs": variants}
