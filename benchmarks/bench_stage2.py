@@ -7,6 +7,10 @@ and the ratio to open_clip's step. Timings on a shared machine swing: read media
 
     python benchmarks/bench_stage2.py                  # CPU, 2 threads (STAGE2.md)
     python benchmarks/bench_stage2.py --gpu            # GPU: ViT-L/14-336, bf16, batch 64, +/- grad checkpointing
+
+On a GPU each row also gives the model FLOPs of a training step per image (forward + backward, counted on the
+architecture by ``train_flops_per_image``; recomputation under gradient checkpointing is not counted) and the MFU
+against the GPU's dense bf16 peak (``peak_bf16_tflops``). benchmarks/gpu_check.py uses the same two functions.
 """
 
 from __future__ import annotations
@@ -83,6 +87,56 @@ def _case_model(case: dict):
     return model, batch, forward, opt
 
 
+# Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, first match wins: the MFU denominator.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0),
+                    ("A100", 312.0), ("L40S", 362.0), ("A10", 125.0), ("L4", 121.0))
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_TFLOPS if k in device_name), None)
+
+
+def train_flops_per_image(case: dict) -> float | None:
+    """FLOPs of one training step per image (forward + backward, no recomputation) of the case's model: the
+    vision tower plus the adapter (or open_clip's whole CLIP), counted by torch's FlopCounterMode on copies
+    built on the meta device (no memory, no compute). ViT-L/14-336 gives 1.145 TFLOP. None for the CLIP-text
+    case of our code, which the GPU set does not run."""
+    import open_clip
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from llm2clip.model import TextAdapter
+    from llm2clip.vision.config import SmallViTConfig
+    from llm2clip.vision.towers import SmallViT
+
+    n = 2
+    with torch.device("meta"):
+        if case["kind"] == "open_clip":
+            model = open_clip.create_model(case["tower"], pretrained=None, device="meta")
+            size = model.visual.image_size
+            size = size[0] if isinstance(size, (tuple, list)) else size
+            inputs = (torch.randn(n, 3, size, size), torch.randint(1, 49407, (n, 77)))
+            parts = [(lambda x, t: model(x, t)[:2], inputs)]
+        elif case["kind"] == "adapter":
+            if case["tower"] == "small_vit":
+                tower = SmallViT(SmallViTConfig(image_size=32, patch_size=4, width=128, layers=4, heads=4))
+                size = 32
+            else:
+                tower = open_clip.create_model(case["tower"], pretrained=None, device="meta").visual
+                size = tower.image_size
+                size = size[0] if isinstance(size, (tuple, list)) else size
+            adapter = TextAdapter(case["text_dim"], case.get("embed_dim", 1280))
+            parts = [(lambda x: (tower(x),), (torch.randn(n, 3, size, size),)),
+                     (lambda t: (adapter(t),), (torch.randn(n, case["text_dim"]),))]
+        else:
+            return None
+        counter = FlopCounterMode(display=False)
+        with counter:
+            for fn, inputs in parts:
+                sum(o.float().sum() for o in fn(*inputs)).backward()
+    return counter.get_total_flops() / n
+
+
 def run_case(case: dict) -> dict:
     import torch
 
@@ -116,8 +170,13 @@ def run_case(case: dict) -> dict:
     params = sum(p.numel() for p in model.parameters())
     text_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("text", "transformer.",
                       "token_embedding", "positional_embedding", "ln_final", "text_projection")))
+    flops = mfu = None
+    if cuda or case.get("count_flops"):
+        flops = train_flops_per_image(case)
+        peak = case.get("peak_tflops") or (peak_bf16_tflops(torch.cuda.get_device_name(dev)) if cuda else None)
+        mfu = flops * case["batch"] / med / (peak * 1e12) if flops and peak else None
     return {**case, "median_step_s": med, "images_per_s": case["batch"] / med, "params_M": params / 1e6,
-            "text_params_M": text_params / 1e6,
+            "text_params_M": text_params / 1e6, "train_tflop_per_image": flops / 1e12 if flops else None, "mfu": mfu,
             "peak_mem_GiB": (torch.cuda.max_memory_allocated() / 2**30 if cuda
                              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)}
 
@@ -155,13 +214,20 @@ def gpu_cases(batch: int, steps: int) -> list[dict]:
 def table(rows: list[dict]) -> str:
     ref = next((r for r in rows if r["kind"] == "open_clip" and not r.get("grad_ckpt")), None)
     mem = "peak GPU mem (GiB)" if rows and rows[0]["device"] != "cpu" else "peak RSS (GiB)"
+    mfu = any(r.get("mfu") is not None for r in rows)
+    extra, rule = (" TFLOP per image (train) | MFU |", "---:|---:|") if mfu else ("", "")
     lines = [f"| case | params (M) | text side (M) | median step (s) | images/s (median) | images/s, each repeat | "
-             f"vs open_clip | {mem} |", "|---|---:|---:|---:|---:|---|---:|---:|"]
+             f"vs open_clip | {mem} |{extra}", "|---|---:|---:|---:|---:|---|---:|---:|" + rule]
     for r in rows:
         ratio = r["images_per_s"] / ref["images_per_s"] if ref else float("nan")
         reps = ", ".join(f"{x:.1f}" for x in r.get("repeats", [r["images_per_s"]]))
+        more = ""
+        if mfu:
+            tf, m = r.get("train_tflop_per_image"), r.get("mfu")
+            more = f" {tf:.3f} |" if tf else " - |"
+            more += f" {100 * m:.1f} % |" if m is not None else " - |"
         lines.append(f"| {r['name']} | {r['params_M']:.1f} | {r['text_params_M']:.1f} | {r['median_step_s']:.2f} | "
-                     f"{r['images_per_s']:.1f} | {reps} | {ratio:.1f}x | {r['peak_mem_GiB']:.2f} |")
+                     f"{r['images_per_s']:.1f} | {reps} | {ratio:.1f}x | {r['peak_mem_GiB']:.2f} |{more}")
     return "\n".join(lines)
 
 
@@ -172,6 +238,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="default 64")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per case (default 8 CPU, 20 GPU)")
     ap.add_argument("--repeats", type=int, default=1, help="run the whole set this many times; median per case")
+    ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak for the MFU, when it is not in "
+                    "PEAK_BF16_TFLOPS")
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -180,6 +248,7 @@ def main(argv=None) -> int:
         return 0
     batch = args.batch or 64
     cases = gpu_cases(batch, args.steps or 20) if args.gpu else cpu_cases(args.threads, batch, args.steps or 8)
+    cases = [{**c, "peak_tflops": args.peak_tflops} for c in cases]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     results: dict[str, list[dict]] = {}
     for rep in range(args.repeats):

@@ -85,7 +85,8 @@ def test_config_validates_with_the_official_settings(path):
             c = cfg.contrastive
             assert (c.batch_size, c.scale, c.hard_negatives, c.mask_same_group) == (512, 50, True, True)
             assert (cfg.optim.warmup_steps, cfg.optim.schedule) == (300, "linear")
-            assert e.adapters == [str(PAPER / "../../runs/paper" / path.stem.replace("-cc-", "-mntp-") / "adapter")]
+            mntp = path.stem.replace("-cc-", "-mntp-")  # the MNTP run's adapter, in the repository's runs/paper
+            assert e.adapters == [str(PAPER / ".." / ".." / "runs" / "paper" / mntp / "adapter")]
     elif kind_of(path) == "embed":
         assert (cfg.encoder.dtype, cfg.encoder.pooling, cfg.encoder.max_length) == ("bfloat16", "mean", 512)
     else:
@@ -152,7 +153,7 @@ def paper_run(tmp_path_factory, tiny_llm_dir):
     from llm2clip.train.loop import fit
 
     top = tmp_path_factory.mktemp("paper")
-    root = top / "configs" / "paper"  # the runs land in top/runs/paper, as the configs' ../../runs say
+    root = top / "configs" / "paper"  # the configs' runs go two folders up: top/runs/paper
     root.mkdir(parents=True)
     _stand_ins(root, tiny_llm_dir)
     for llm in LLMS:
