@@ -182,20 +182,24 @@ def part_stage2_fsdp(work, s, limit, dry):
 
 
 def part_throughput(work: Path, s: dict, limit: float, dry: bool) -> dict:
-    rows, started = [], time.monotonic()
+    """Both cases run even when one fails (out of memory without checkpointing, say); any failure fails the part."""
+    rows, errors, started = [], [], time.monotonic()
     for ckpt in (False, True):
         case = {**s["throughput"], "precision": "bf16", "kind": "adapter", "grad_ckpt": ckpt,
                 "name": f"{s['throughput']['tower']} + adapter {s['throughput']['text_dim']}-d, bf16"
                         + (" + grad ckpt" if ckpt else "")}
-        left = limit - (time.monotonic() - started)
-        lines = _run([sys.executable, str(HERE / "bench_stage2.py"), "--case", json.dumps(case)], left, dry)
-        line = next((x for x in lines if x.startswith("RESULT ")), None)
-        if line is None:
-            raise RuntimeError(f"no RESULT line from bench_stage2.py: {lines[-3:]}")
-        rows.append(json.loads(line[7:]))
-    return {"detail": "; ".join(f"{r['images_per_s']:.1f} images/s" + (f", MFU {100 * r['mfu']:.1f} %"
-                                                                       if r.get("mfu") is not None else "")
-                                for r in rows), "rows": rows}
+        try:
+            left = limit - (time.monotonic() - started)
+            lines = _run([sys.executable, str(HERE / "bench_stage2.py"), "--case", json.dumps(case)], left, dry)
+            line = next((x for x in lines if x.startswith("RESULT ")), None)
+            if line is None:
+                raise RuntimeError(f"no RESULT line from bench_stage2.py: {lines[-3:]}")
+            rows.append(json.loads(line[7:]))
+        except Exception as err:
+            errors.append(f"{case['name']}: {type(err).__name__}: {err}")
+    detail = "; ".join(f"{r['images_per_s']:.1f} images/s" + (f", MFU {100 * r['mfu']:.1f} %"
+                                                               if r.get("mfu") is not None else "") for r in rows)
+    return {"ok": not errors, "error": "\n".join(errors) or None, "detail": detail, "rows": rows}
 
 
 PARTS = {"stage1": part_stage1, "embed": part_embed, "stage2_ddp": part_stage2_ddp,
@@ -211,7 +215,7 @@ def markdown(result: dict) -> str:
         detail = p.get("detail") if p["ok"] else p["error"].splitlines()[-1] if p["error"] else ""
         lines.append(f"| {p['name']} | {'ok' if p['ok'] else 'FAILED'} | {p['seconds']:.1f} | "
                      f"{(detail or '').replace('|', '/')} |")
-    rows = next((p.get("rows") for p in result["parts"] if p["name"] == "throughput" and p["ok"]), None)
+    rows = next((p.get("rows") for p in result["parts"] if p["name"] == "throughput"), None)
     if rows:
         lines += ["", "| case | batch | images/s | train TFLOP per image | MFU | peak memory (GiB) |",
                   "|---|---:|---:|---:|---:|---:|"]
@@ -243,8 +247,8 @@ def run_check(out: Path, dry: bool, peak_tflops: float | None = None, parts=None
             try:
                 if limit < 5:
                     raise RuntimeError("not run: the check's time budget is spent")
-                rec.update(fn(work, s, limit, dry))
-                rec["ok"] = True
+                got = fn(work, s, limit, dry)
+                rec.update(got, ok=got.get("ok", True))
             except Exception as err:  # one part's failure is recorded; the rest still run
                 rec["error"] = f"{type(err).__name__}: {err}"
             rec["seconds"] = time.monotonic() - start
