@@ -73,7 +73,8 @@ def test_a_dcp_metadata_that_names_code_is_refused_unread(tmp_path):
 @pytest.mark.slow
 def test_sharded_checkpoints_resume_from_2_to_1_and_1_to_2_processes(tmp_path):
     """The reference is one plain process. A 2-rank FSDP run killed after step 3 leaves step 2 as two
-    ranks' shards, which one process resumes; a 1-process fsdp run's step 2 resumes on 2 ranks."""
+    ranks' shards, which one process resumes; a 1-process fsdp run's step 2 resumes on 2 ranks, and so
+    does the plain run's own (full) step 2."""
     fit(run_cfg(tmp_path / "one", **OVER), progress=False)
     cfg = tiny_run_config(tmp_path / "two-to-one", train__strategy="fsdp", **OVER)
     mp.spawn(fit_worker_resumable, args=(2, free_port(), cfg, None, 3), nprocs=2, join=True)
@@ -89,3 +90,8 @@ def test_sharded_checkpoints_resume_from_2_to_1_and_1_to_2_processes(tmp_path):
     mp.spawn(fit_worker_resumable, args=(2, free_port(), cfg, True), nprocs=2, join=True)
     assert _files(tmp_path / "one-to-two", 4) == ["dcp", "llm2clip_model.json", "train_state.pt"]
     assert_same_tensors(model_weights(tmp_path / "one"), model_weights(tmp_path / "one-to-two"), atol=1e-5)
+    # a plain run's full checkpoint (model.safetensors + optimizer in the state) resumes on 2 FSDP ranks too
+    cfg = tiny_run_config(tmp_path / "plain-to-two", train__strategy="fsdp", **OVER)
+    mp.spawn(fit_worker_resumable, args=(2, free_port(), cfg, str(tmp_path / "one/checkpoints/step_00000002")),
+             nprocs=2, join=True)
+    assert_same_tensors(model_weights(tmp_path / "one"), model_weights(tmp_path / "plain-to-two"), atol=1e-5)

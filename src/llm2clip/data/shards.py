@@ -86,6 +86,12 @@ def expand_shards(spec: str | Sequence[str]) -> list[Path | str]:
     return out
 
 
+def spool_size(shuffle_shards: int) -> int:
+    """Remote shards a stream keeps spooled: its current and next group, and one spare each; an evicted
+    shard needed again (a worker far behind) is fetched again, so this bounds disk, not correctness."""
+    return 2 * shuffle_shards + 2
+
+
 def _mtime(p: Path) -> float:
     try:
         return p.stat().st_mtime
@@ -336,7 +342,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self._groups: dict[tuple[int, int], list] = {}
         self._files: dict[int, object] = {}
         if fetcher is None and any(isinstance(s, str) for s in self.shards):
-            fetcher = ShardFetcher(keep=4 * shuffle_shards + 4)  # the shards of the groups cached below
+            fetcher = ShardFetcher(keep=spool_size(shuffle_shards))
         self.fetcher = fetcher
 
     def _local(self, s: int) -> Path | None:
@@ -477,7 +483,7 @@ def stream_loader(src, cfg, dist_info, transform, features, tokenize, step: int,
                               f"({len(saved)}), or start a new run")
         start = saved[dist_info.rank]
     shards = expand_shards(src.shards)
-    fetcher = source_fetcher(src, shards, keep=4 * src.shuffle_shards + 4)
+    fetcher = source_fetcher(src, shards, keep=spool_size(src.shuffle_shards))
     stream = ShardStream(shards, T.batch_size // (dist_info.world * T.accum_steps),
                          dist_info.world, dist_info.rank, cfg.seed, transform, cfg.data.caption_kinds, features,
                          tokenize, src.shuffle_shards, start, (T.steps - step) * T.accum_steps, fetcher=fetcher)

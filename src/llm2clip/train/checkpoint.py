@@ -54,10 +54,8 @@ def save_model(model, path: str | Path, state_dict: dict | None = None) -> Path:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, scaler, data_state: dict,
-                    config: dict, keep: int = 2, full_state: tuple[dict, dict] | None = None,
-                    rng: list[dict] | None = None, sharded: bool = False) -> Path:
-    """``full_state``: (model, optimizer) state gathered from a sharded model (train.fsdp.gather_full_state);
-    ``rng``: every rank's generator states (``all_rng_states``, gathered on all ranks), else this process's.
+                    config: dict, keep: int = 2, rng: list[dict] | None = None, sharded: bool = False) -> Path:
+    """``rng``: every rank's generator states (``all_rng_states``, gathered on all ranks), else this process's.
     ``sharded``: model and optimizer into ``dcp/`` by every rank, the rest by rank 0 (a collective: every
     rank calls it)."""
     state = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
@@ -69,9 +67,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler,
         return write_checkpoint(checkpoint_dir(run_dir), step, {**state, "optimizer": None}, STAGE,
                                 lambda tmp: write_json_atomic(tmp / MODEL_MANIFEST, model.manifest()), keep,
                                 write_shared=lambda tmp: save_sharded(model, optimizer, tmp / DCP_DIR))
-    state["optimizer"] = full_state[1] if full_state else optimizer.state_dict()
-    return write_checkpoint(checkpoint_dir(run_dir), step, state, STAGE,
-                            lambda tmp: save_model(model, tmp, full_state[0] if full_state else None), keep)
+    state["optimizer"] = optimizer.state_dict()
+    return write_checkpoint(checkpoint_dir(run_dir), step, state, STAGE, lambda tmp: save_model(model, tmp), keep)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

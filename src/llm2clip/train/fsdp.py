@@ -11,7 +11,7 @@ own shards of the model and optimizer into the step folder's ``dcp/``, with no g
 reads them into a model sharded over any number of ranks, or into a plain one (one process, DDP),
 so an FSDP run resumes on another world size. DCP reads its ``.metadata`` with pickle, so that file is
 first checked to hold only DCP's own record types (``check_metadata``), as the rest of a checkpoint is
-read weights-only. Only the final model export gathers the full state (``gather_full_state``), to write
+read weights-only. Only the final model export gathers the weights (``gather_full_model``), to write
 one ordinary safetensors file; ``load_full_state`` still resumes from a DDP run's full checkpoint.
 """
 
@@ -79,28 +79,17 @@ def _names(model: nn.Module, optimizer) -> list[str]:
     return [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
-def fqn_to_index(model, optimizer, osd: dict) -> dict:
-    if not osd:
-        return osd
-    index = {n: i for i, n in enumerate(_names(model, optimizer))}
-    return {"state": {index[k]: v for k, v in osd["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]}
-
-
 def index_to_fqn(model, optimizer, osd: dict) -> dict:
     names = _names(model, optimizer)
     return {"state": {names[int(k)]: v for k, v in osd["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
 
 
-def gather_full_state(model, optimizer) -> tuple[dict, dict]:
-    """(model state, optimizer state in index layout), full on rank 0 and empty elsewhere. Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+def gather_full_model(model) -> dict:
+    """The full model state on rank 0's CPU (empty elsewhere), for the final export. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(model, options=opts)
-    osd = get_optimizer_state_dict(model, optimizer, options=opts)
-    return msd, fqn_to_index(model, optimizer, osd)
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state(model, optimizer, msd: dict, osd: dict) -> None:

@@ -50,7 +50,7 @@ from .checkpoint import (
 from .config import FashionMnistSource, ManifestSource, RunConfig, ScenesSource, WebDatasetSource
 from .distributed import DistInfo, barrier, init_distributed
 from .evaluate import evaluate_retrieval
-from .fsdp import gather_full_state, reduce_replicated_grads
+from .fsdp import gather_full_model, reduce_replicated_grads
 
 HELDOUT_RANKS = "heldout_ranks.json"  # every held-out query's rank at the final step
 
@@ -391,8 +391,8 @@ class Stage2Trainer:
     def finish(self) -> dict:
         """The final model/ (gathered off the ranks under FSDP) with config.json and its card (save_pretrained);
         returns the last metrics."""
-        if self.fsdp and self.full is None:
-            self.full = gather_full_state(self.net, self.optimizer)
+        if self.fsdp and self.full is None:  # the weights only: the optimizer state stays sharded
+            self.full = (gather_full_model(self.net), None)
         if self.di.main:
             out = self.run_dir / "model"
             self.net.training_record = self.training_record()
