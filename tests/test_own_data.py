@@ -172,3 +172,38 @@ def test_a_bad_csv_row_names_its_line(tmp_path):
     for read in READERS.values():
         with pytest.raises(InputError, match=r"m\.csv:6: field 'id'"):
             read(path)
+
+
+@pytest.mark.slow
+def test_the_optional_stage1_on_the_manifest_then_embed_with_its_encoder(tmp_path):
+    """stage1.yaml fine-tunes SmolLM2 on the manifest's captions grouped by image (2 steps here), and
+    embed-stage1.yaml embeds the manifest with the fine-tuned encoder."""
+    import yaml
+
+    from llm2clip.features import FeatureStore
+    from llm2clip.finetune.data import load_groups_jsonl
+
+    groups = load_groups_jsonl(EXAMPLE / "manifest.jsonl")
+    assert len(groups) == 12 and all(g.kinds == ["short", "dense"] for g in groups.groups)
+    ex = tmp_path / "configs" / "own-data"
+    shutil.copytree(EXAMPLE, ex)
+    cfg = yaml.safe_load((ex / "stage1.yaml").read_text())
+    cfg["optim"]["steps"], cfg["eval"]["cupl_classes"], cfg["eval"]["per_class"] = 2, 4, 2  # short, same chain
+    (ex / "stage1.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["finetune-text", str(ex / "stage1.yaml")]) == 0
+    runs = tmp_path / "runs" / "own-data"
+    summary = json.loads((runs / "stage1" / "summary.json").read_text())
+    assert summary["manifest_dense_short_pool_size"] == 12
+    assert main(["embed", str(ex / "embed-stage1.yaml"), "--no-progress"]) == 0
+    store = FeatureStore.open(runs / "store-stage1")
+    assert store.num_ids == 24 and store.dim == 576  # SmolLM2-135M's width
+
+
+def test_a_manifest_whose_images_have_one_caption_each_gives_no_stage1_groups(tmp_path):
+    from llm2clip.finetune.data import load_groups_jsonl
+
+    rows = [{"image": r["image"], "captions": r["captions"][:1]} for r in ROWS]
+    with pytest.raises(InputError, match="two or more captions"):
+        load_groups_jsonl(_jsonl(tmp_path / "m.jsonl", rows))
+    old = _jsonl(tmp_path / "g.jsonl", [{"group": "a", "captions": ["x", "y"]}])  # the stage-1 group file still reads
+    assert load_groups_jsonl(old).groups[0].captions == ["x", "y"]

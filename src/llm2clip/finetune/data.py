@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.captions import cupl_caption_set
-from ..data.jsonl import read_jsonl
+from ..data.jsonl import is_csv, is_manifest, read_jsonl, read_manifest
 from ..errors import InputError
 
 
@@ -47,11 +47,34 @@ class GroupedCaptions:
         return [c for g in self.groups for c in g.captions]
 
 
+def _manifest_groups(path: Path) -> GroupedCaptions:
+    """An image manifest as caption groups: the captions of one image are one group (those with two or more)."""
+    by: dict[str, CaptionGroup] = {}
+    for c in read_manifest(path, need_text=True):
+        g = by.setdefault(c.image, CaptionGroup(c.image, [], []))
+        g.captions.append(c.text.strip())
+        g.kinds.append(c.kind)
+    groups = [g for g in by.values() if len(g.captions) > 1]
+    if not groups:
+        raise InputError(f"{path}: no image has two or more captions; caption contrast needs pairs")
+    return GroupedCaptions(groups)
+
+
+def _is_image_manifest(path: Path) -> bool:
+    if is_csv(path):
+        return is_manifest(path)
+    return next((("image" in rec) for _, rec in read_jsonl(path)), False)
+
+
 def load_groups_jsonl(path: str | Path) -> GroupedCaptions:
-    """JSONL of {"group": id, "captions": [...], "kinds": [...]} (kinds optional)."""
+    """Caption groups from an image manifest (the captions of one image form a group; see
+    llm2clip.data.jsonl.read_manifest), or JSONL of {"group": id, "captions": [...], "kinds": [...]} (kinds
+    optional)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: caption-group file not found")
+    if _is_image_manifest(path):
+        return _manifest_groups(path)
     out, seen = [], set()
     for ln, rec in read_jsonl(path):
         if "group" not in rec or "captions" not in rec:
