@@ -116,6 +116,9 @@ def test_a_dropped_connection_is_retried_then_the_shard_skipped_and_counted(shar
     assert any("skipped after 4 failed tries" in r.getMessage() and NAMES[1] in r.getMessage() for r in caplog.records)
     # a resumed run (a new spool: the shard is tried again) carries the count on
     assert _stream(f"{url}/{PATTERN}", feats, start=got[-1][2], n=3)[-1][2]["skipped_shards"] == 2
+    # a missing shard (404) is not retried: skipped and counted at once
+    got = _stream([f"{url}/{n}" for n in (NAMES[0], "missing.tar", NAMES[2])], feats, n=3)  # past an epoch
+    assert handler.gets.count("/missing.tar") == 1 and got[-1][2]["skipped_shards"] == 1
 
 
 def test_a_remote_run_equals_the_local_one_and_resumes_exactly(shards, serve, tmp_path):

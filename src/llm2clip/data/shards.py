@@ -9,6 +9,9 @@ or ``webp``) and a ``json`` with the manifest's caption list::
 Captions are joined with the feature store by id, as for manifests. A folder written by
 ``write_shards`` also holds ``shards.json`` (the shard list with sample counts).
 
+Shards may be URLs (``s3://``, ``gs://``, ``https://``, ... through fsspec, or ``pipe:CMD``): each is fetched
+whole, sequentially, into a local spool and then read like a local file (``ShardFetcher``).
+
 Reading uses plain ``tarfile`` with an index of member offsets rather than webdataset's pipeline:
 the order must be a pure function of (seed, epoch, rank) and a position, so that ``--resume``
 continues exactly and every DataLoader worker knows where each batch starts, which webdataset's
@@ -154,8 +157,9 @@ class ShardFetcher:
                     break
                 except Exception as err:  # any transport error: retried, then the shard skipped
                     tmp.unlink(missing_ok=True)
-                    if attempt == self.retries:
-                        log.warning("%s: skipped after %d failed tries (%s)", url, attempt + 1,
+                    if attempt == self.retries or isinstance(err, FileNotFoundError):  # a 404 stays one
+                        log.warning("%s: skipped after %d failed %s (%s)", url, attempt + 1,
+                                    "tries" if attempt else "try",
                                     " ".join(str(err).split())[:200] or type(err).__name__)
                         mark.write_text(url)
                         return None
