@@ -189,6 +189,14 @@ def test_stage1_killed_between_encoder_and_summary_is_finished_on_rerun(tmp_path
     assert again["step"] == first["step"] == cfg.stage1.optim.steps
     assert again["train_s"] >= first["train_s"] * 0.999 and again["trunk_s"] is not None
     assert json.loads((out / "summary.json").read_text())["step"] == cfg.stage1.optim.steps
+    # the same through `finetune-text` alone (the trainer's own rule, not the pipeline's)
+    from llm2clip.config import parse_config
+    from llm2clip.finetune.config import FinetuneConfig
+    from llm2clip.finetune.trainer import Stage1Trainer
+
+    (out / "summary.json").unlink()
+    alone = Stage1Trainer(parse_config(st1.args[0], FinetuneConfig, "stage1"), progress=False).run()
+    assert alone["step"] == cfg.stage1.optim.steps and (out / "encoder").is_dir()
 
 
 # ------------------------------------------------------------------------------- clear errors

@@ -28,7 +28,7 @@ from .. import checkpointing
 from ..data.captions import cupl_caption_set
 from ..errors import ConfigError
 from ..eval.cra import caption_retrieval_accuracy, paired_caption_retrieval
-from ..fileio import fsync_dir, write_json_atomic
+from ..fileio import fsync_dir, read_json, write_json_atomic
 from ..text.encoder import ENCODER_MANIFEST, CaptionEncoder
 from ..tracking import TENSORBOARD_DIR, Tracker
 from .config import FinetuneConfig
@@ -311,10 +311,15 @@ class Stage1Trainer:
 
     def run(self, resume: bool = True) -> dict:
         c = self.cfg
-        done = self.out / "encoder" / ENCODER_MANIFEST
-        if done.is_file():
+        done, summary = self.out / "encoder" / ENCODER_MANIFEST, self.out / "summary.json"
+        if done.is_file() and summary.is_file():
             log.info("%s is finished already (%s exists); nothing to do", self.out, done)
-            return json.loads((self.out / "summary.json").read_text()) if (self.out / "summary.json").is_file() else {}
+            return read_json(summary)
+        if done.is_file() and self.rank == 0:
+            # an encoder without its summary (killed in between by an older version): not finished; the
+            # final checkpoint is resumed, so no step is trained again, and the export redone
+            log.info("%s: encoder without summary.json; exporting again from the final checkpoint", self.out)
+            shutil.rmtree(self.out / "encoder")
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             write_json_atomic(self.out / "config.json", c.model_dump())
@@ -370,9 +375,9 @@ class Stage1Trainer:
         self.log({**final, "final": True})
         self.save_checkpoint()
         summary = {**final, "train_s": round(train_s, 3)}
-        if self.rank == 0:
-            self.export(summary)
+        if self.rank == 0:  # the summary first: encoder/ appearing is what marks the run finished
             write_json_atomic(self.out / "summary.json", summary)
+            self.export(summary)
         return summary
 
     def export(self, summary: dict | None = None) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -79,16 +78,10 @@ def run_stage1(finetune_cfg: dict, threads: int | None, progress: bool = True) -
     from ..config import parse_config
     from ..finetune.config import FinetuneConfig
     from ..finetune.trainer import Stage1Trainer
-    from ..text.encoder import ENCODER_MANIFEST
 
     _threads(threads)
     cfg = parse_config(finetune_cfg, FinetuneConfig, "stage1")
     out = Path(cfg.out)
-    if (out / "encoder" / ENCODER_MANIFEST).is_file() and not (out / "summary.json").is_file():
-        # killed between saving the encoder and its summary: the stage is not finished; redo its end (it
-        # resumes from the final checkpoint, so no step is trained again)
-        log.info("%s: encoder without summary.json; exporting again from the final checkpoint", out)
-        shutil.rmtree(out / "encoder")
     summary = Stage1Trainer(cfg, progress=None if progress else False).run(resume=True)
     trunk = None
     metrics = out / "metrics.jsonl"
