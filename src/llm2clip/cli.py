@@ -25,8 +25,8 @@ def _add_eval_text(sub) -> None:
         epilog=(
             "encoders: a preset (smollm2, minilm, random) with optional overrides, e.g. "
             "'smollm2:bidirectional=false,template=tokenizer,pooling=last_token', or a YAML file with an "
-            "'encoder:' mapping. caption sets: cupl-heldout, cupl-train, or a JSONL file of "
-            '{"group": ..., "caption": ...} lines.'
+            "'encoder:' mapping. caption sets: cupl-heldout, cupl-train, or an image manifest (JSONL or CSV; the "
+            "captions of one image form a group; older JSONL of {\"group\": ..., \"caption\": ...} still reads)."
         ),
     )
     p.add_argument("--encoder", "-e", action="append", required=True, help="encoder spec (repeatable)")

@@ -19,7 +19,8 @@ config (YAML; relative paths resolve against the config file's folder):
   encoder:                 a text encoder, e.g. {kind: llm, model: smollm2-135m-instruct, dtype: bfloat16}
   captions:                sources, read in order:
     - cupl-train           built-in CuPL descriptions (ids '<class>/<n>'); or {builtin: cupl-heldout, classes: 50}
-    - data/caps.jsonl      JSONL/CSV/TSV with 'id' and 'caption' fields; or {path: .., id_field: .., caption_field: ..}
+    - data/manifest.jsonl  an image manifest (JSONL or CSV): each caption's id and text
+    - {path: caps.jsonl, format: jsonl}   older flat files with 'id' and 'caption' fields (JSONL/CSV/TSV)
   out: features/cupl       the store directory
   shard_size: 8192         rows per shard
   dtype: float16           float16 (default), bfloat16 or float32

@@ -93,7 +93,10 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
         else:
             enc = t.encoder.model_dump(mode="json")
             kind, deps = enc["kind"], ["data"]
-        ec = {"encoder": enc, "captions": [{"path": str((run_dir / "data" / "captions.jsonl").absolute())}],
+        # format jsonl: a flat caption file (the Fashion-MNIST class captions have no image), read without the
+        # deprecation notice meant for hand-written ones
+        captions = {"path": str((run_dir / "data" / "captions.jsonl").absolute()), "format": "jsonl"}
+        ec = {"encoder": enc, "captions": [captions],
               "out": str((run_dir / "embed" / name).absolute()), "dtype": cfg.embed_dtype, "shard_size": 4096}
         stages.append(Stage(f"embed/{name}", {"config": ec}, S.run_embed, (ec, threads, not pooled), deps=deps,
                             estimate_s=n_captions * _EST_CAPTION_S.get(kind, 0.01) * (2 if pooled else 1),
