@@ -2,6 +2,7 @@
 a connection dropped mid-shard retried a bounded number of times, then the shard skipped and counted."""
 
 import functools
+import gc
 import http.server
 import logging
 import threading
@@ -13,7 +14,7 @@ import torch
 from stage2_helpers import CrashAt, SimulatedCrash, assert_same_tensors, model_weights, run_cfg, write_scene_manifest
 
 from llm2clip.data.images import InMemoryFeatures, load_manifest
-from llm2clip.data.shards import ShardStream, expand_shards, load_shard_records, write_shards
+from llm2clip.data.shards import ShardFetcher, ShardStream, expand_shards, load_shard_records, write_shards
 from llm2clip.train.loop import fit
 
 NAMES = [f"train-{i:06d}.tar" for i in range(4)]
@@ -77,7 +78,7 @@ def _stream(spec, feats, start=None, n=6, rank=0, world=1, **kw):
     return [([int(v) for v in b[1][:, 0]], b[2], b[3]) for b in s]
 
 
-def test_http_memory_pipe_and_file_urls_give_the_local_batches_and_resume(shards, serve):
+def test_http_memory_pipe_and_file_urls_give_the_local_batches_and_resume(shards, serve, tmp_path):
     folder, feats = shards
     url, handler = serve(folder)
     mem = "memory://llm2clip-test-shards"
@@ -101,6 +102,12 @@ def test_http_memory_pipe_and_file_urls_give_the_local_batches_and_resume(shards
     b, load_b = load_shard_records(expand_shards(f"{url}/{PATTERN}"))
     assert [r.captions for r in a] == [r.captions for r in b]
     assert np.array_equal(np.asarray(load_a(5)), np.asarray(load_b(5)))
+    # the spool goes with its fetcher
+    fetcher = ShardFetcher(tmp_path / "spool")
+    assert fetcher.local(f"{url}/{NAMES[0]}").read_bytes() == (folder / NAMES[0]).read_bytes()
+    del fetcher, load_b
+    gc.collect()
+    assert not any((tmp_path / "spool").iterdir())
 
 
 def test_a_dropped_connection_is_retried_then_the_shard_skipped_and_counted(shards, serve, caplog):

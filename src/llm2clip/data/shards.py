@@ -23,7 +23,6 @@ of that stream. Its position is (epoch, group, offset), saved per rank in checkp
 
 from __future__ import annotations
 
-import atexit
 import fcntl
 import hashlib
 import io
@@ -36,6 +35,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +95,11 @@ def spool_size(shuffle_shards: int) -> int:
     return 2 * shuffle_shards + 2
 
 
+def _remove_spool(folder: Path, pid: int) -> None:
+    if os.getpid() == pid:  # not a DataLoader worker's forked copy
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _mtime(p: Path) -> float:
     try:
         return p.stat().st_mtime
@@ -111,25 +116,21 @@ class ShardFetcher:
     the spool, then indexed and read there. The spool is shared by the DataLoader workers of a stream
     (a lock per shard: one download each) and keeps the ``keep`` most recently used shards (None: all).
     A failed fetch (dropped connection, command error) is retried ``retries`` times, then the shard is
-    marked failed: it reads as empty for the rest of this process, and ``failed()`` counts it.
+    marked failed: it reads as empty for the rest of this process, and ``failed()`` counts it. The
+    spool is a new folder under ``folder`` (default: the system temp folder), removed with the fetcher.
     """
 
     CHUNK = 1 << 20
 
     def __init__(self, folder: str | Path | None = None, keep: int | None = None, retries: int = 3,
                  storage_options: dict | None = None, timeout: float = 60.0):
-        self.owned = folder is None
-        self.folder = Path(folder or tempfile.mkdtemp(prefix="llm2clip-shards-"))
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="llm2clip-shards-", dir=folder))
         self.keep, self.retries, self.timeout = keep, retries, timeout
         self.storage_options = dict(storage_options or {})
-        self.pid = os.getpid()
-        if self.owned:  # removed by the process that made it, not by DataLoader workers (forked copies)
-            atexit.register(self.close)
-
-    def close(self) -> None:
-        if self.owned and os.getpid() == self.pid:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        # removed when the fetcher goes (or at exit), by the process that made it only
+        weakref.finalize(self, _remove_spool, self.folder, os.getpid())
 
     def _name(self, url: str) -> str:
         return hashlib.sha256(url.encode()).hexdigest()[:24]
