@@ -6,6 +6,7 @@ import pickle
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from stage2_helpers import (
     CrashAt,
     SimulatedCrash,
@@ -45,6 +46,16 @@ def test_fsdp_checkpoints_are_sharded_and_resume_like_plain_ones(tmp_path):
     fit(run_cfg(tmp_path / "f", train__strategy="fsdp", **OVER), resume=True, progress=False)
     assert_same_tensors(model_weights(tmp_path / "plain"), model_weights(tmp_path / "f"), atol=1e-6)
     assert (tmp_path / "f/model/model.safetensors").is_file()  # the export is one ordinary file
+    # a step's model, exported for evaluation, is the plain run's at that step
+    from llm2clip.model import LLM2CLIP
+    from llm2clip.train.checkpoint import export_checkpoint_model
+
+    for run in ("f", "plain"):
+        export_checkpoint_model(tmp_path / run / "checkpoints/step_00000004", tmp_path / f"{run}-4")
+        LLM2CLIP.load(tmp_path / f"{run}-4")
+    assert_same_tensors(model_weights(tmp_path / "plain"), load_file(str(tmp_path / "f-4/model.safetensors")))
+    assert_same_tensors(load_file(str(tmp_path / "plain-4/model.safetensors")),
+                        load_file(str(tmp_path / "f-4/model.safetensors")), atol=1e-6)
     # and a plain (ddp-strategy) run resumes a sharded checkpoint
     fit(run_cfg(tmp_path / "f", **OVER), resume=str(tmp_path / "f/checkpoints/step_00000002"), progress=False)
     assert_same_tensors(model_weights(tmp_path / "plain"), model_weights(tmp_path / "f"), atol=1e-6)

@@ -29,9 +29,9 @@ from ..errors import ConfigError
 from ..fileio import write_json_atomic
 
 STAGE = "stage2"
-__all__ = ["STATE_FILE", "checkpoint_dir", "clear_checkpoints", "list_checkpoints", "load_train_state",
-           "load_weights_and_optimizer", "resolve_resume", "rng_state", "save_checkpoint", "save_model",
-           "set_rng_state", "all_rng_states", "restore_rng"]
+__all__ = ["STATE_FILE", "checkpoint_dir", "clear_checkpoints", "export_checkpoint_model", "list_checkpoints",
+           "load_train_state", "load_weights_and_optimizer", "resolve_resume", "rng_state", "save_checkpoint",
+           "save_model", "set_rng_state", "all_rng_states", "restore_rng"]
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -109,6 +109,31 @@ def load_weights_and_optimizer(model, optimizer, ckpt: Path, optimizer_state: di
     else:
         load_model(model, str(ckpt / MODEL_WEIGHTS), device=str(device))
         optimizer.load_state_dict(optimizer_state)
+
+
+def export_checkpoint_model(ckpt: str | Path, out: str | Path) -> Path:
+    """The model of a checkpoint folder as an ordinary saved model (``LLM2CLIP.load`` reads it): a sharded
+    (``dcp/``) checkpoint's weights read in one process, a full one's copied. For evaluating a step."""
+    import json
+
+    from ..model import LLM2CLIP, MODEL_MANIFEST, ModelConfig
+    from .fsdp import DCP_DIR, check_metadata, quiet_dcp
+
+    ckpt = Path(ckpt)
+    if not (ckpt / DCP_DIR).is_dir():
+        return LLM2CLIP.load(ckpt).save(out)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    mf = json.loads((ckpt / MODEL_MANIFEST).read_text())
+    model = LLM2CLIP(ModelConfig.model_validate(mf["config"]), mf.get("text_dim"), mf.get("text_identity"),
+                     load_pretrained=False, caption_encoder_config=mf.get("caption_encoder"))
+    check_metadata(ckpt / DCP_DIR)
+    state = {"model": model.state_dict()}  # filled in place; the optimizer's entries are not read
+    with quiet_dcp():
+        dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR), planner=DefaultLoadPlanner(allow_partial_load=True),
+                 no_dist=True)
+    return model.save(out)
 
 
 def load_train_state(path: Path) -> dict:

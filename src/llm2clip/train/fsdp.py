@@ -110,7 +110,7 @@ def _dcp_state(model, optimizer) -> dict:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_dcp():
     """One process saves or loads DCP on purpose: no warning that torch.distributed is not set up."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -121,7 +121,7 @@ def save_sharded(model, optimizer, folder: str | Path) -> None:
     """Every rank writes its own shards into ``folder`` (collective under torch.distributed)."""
     import torch.distributed.checkpoint as dcp
 
-    with _quiet():
+    with quiet_dcp():
         dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(folder), no_dist=not dist.is_initialized())
 
 
@@ -137,7 +137,7 @@ def load_sharded(model, optimizer, folder: str | Path) -> None:
     if missing:
         raise InputError(f"{folder}: the checkpoint lacks {len(missing)} weight(s) of this model, e.g. {missing[0]}")
     # a parameter that never had a gradient has no optimizer state in the checkpoint: keep its fresh one
-    with _quiet():
+    with quiet_dcp():
         dcp.load(state, checkpoint_id=str(folder), planner=DefaultLoadPlanner(allow_partial_load=True),
                  no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
