@@ -366,3 +366,12 @@ def test_weight_hash_never_copies_a_whole_tensor(monkeypatch, tmp_path):
     monkeypatch.setattr(loading, "HASH_CHUNK", 1 << 22)
     assert loading.weight_hash(model) == digest  # chunking does not change the hash
     assert loading.source_weight_hash(model, tmp_path) == from_files
+
+
+@pytest.mark.parametrize("path", ["configs/x/../../runs/enc", "runs/own/stage1/encoder", "./enc", "~/enc"])
+def test_a_missing_local_model_path_is_not_taken_for_a_hub_id(path):
+    from llm2clip.text.loading import resolve_source
+
+    with pytest.raises(ConfigError, match="model path not found"):
+        resolve_source(path)
+    assert resolve_source("owner/name").path == "owner/name"  # a hub id is passed on to the hub

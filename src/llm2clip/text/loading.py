@@ -70,8 +70,9 @@ def resolve_source(model: str, gguf_file: str | None = None) -> LLMSource:
         if not (p / "config.json").is_file():
             raise ConfigError(f"{p}: not a Hugging Face model directory (no config.json)")
         return LLMSource(str(p), model)
-    if resolved.startswith((".", "/", "~")):
-        raise ConfigError(f"{resolved}: model path not found")
+    # a hub id is 'name' or 'owner/name'; anything else is a path (e.g. 'configs/x/../../runs/enc')
+    if resolved.startswith((".", "/", "~")) or ".." in resolved or resolved.count("/") > 1:
+        raise ConfigError(f"{resolved}: model path not found (neither a folder nor an 'owner/name' hub id)")
     return LLMSource(resolved, model)  # a hub id: loads where a hub or its cache is reachable
 
 
