@@ -93,12 +93,12 @@ def build(args, model: Path) -> Path:
     return index
 
 
-def queries(n: int = 400) -> list[str]:
-    """Dense scene captions (about 40-120 words each), shuffled."""
+def queries(kind: str = "dense", n: int = 400) -> list[str]:
+    """Scene captions, shuffled: dense (about 60-170 tokens) or short (about 10)."""
     from llm2clip.data.scenes import SceneSet
 
     scenes = SceneSet(n, seed=99, offset=5_000_000)
-    out = [scenes[i].dense_caption() for i in range(n)]
+    out = [scenes[i].dense_caption() if kind == "dense" else scenes[i].short_caption() for i in range(n)]
     random.Random(0).shuffle(out)
     return out
 
@@ -111,7 +111,9 @@ def free_port() -> int:
 
 def start_server(index: Path, model: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # the package of this checkout, unless PYTHONPATH names another copy
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("PYTHONPATH", str(ROOT / "src"))
     proc = subprocess.Popen([sys.executable, "-m", "llm2clip", "serve", str(index), "--model", str(model),
                              "--port", str(port), "--log-level", "warning", "--device", "cpu", *extra], env=env)
     return proc, f"http://127.0.0.1:{port}"
@@ -194,8 +196,9 @@ def report(args, model: Path, rows: list[dict], servers: dict, before: str, afte
                            s["health"]["text_queries"]] for m, s in servers.items()], ["l", "r", "r", "r", "r"])
     return "\n".join([
         f"Run {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC: `{' '.join(sys.argv)}`", "",
-        f"Model {model} ({args.model_note}); index of {n_images} images; queries: dense scene captions, k=10; "
-        f"{args.seconds:.0f} s per run, in-flight requests awaited. Load before: `{before}`; after: `{after}`.", "",
+        f"Model {model} ({args.model_note}); index of {n_images} images; queries: {args.queries} scene captions, k=10; "
+        f"{args.seconds:.0f} s per run, in-flight requests awaited; server torch threads: {args.threads or 'default'}. "
+        f"Load before: `{before}`; after: `{after}`.", "",
         table, "", mem, ""])
 
 
@@ -203,10 +206,11 @@ async def run(args) -> None:
     model = args.model or tiny_model(args.work)
     args.model_note = "given" if args.model else "tiny stage-2 model, tiny random LLM caption encoder"
     index = build(args, model)
-    texts = queries()
+    texts = queries(args.queries)
     modes = {"on": ["--batch-wait-ms", str(args.batch_wait_ms), "--max-batch", str(args.max_batch)],
              "off": ["--batch-wait-ms", "0", "--max-batch", "1"]}
-    procs = {m: start_server(index, model, extra) for m, extra in modes.items()}
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    procs = {m: start_server(index, model, extra + threads) for m, extra in modes.items()}
     servers: dict = {}
     rows = []
     before = uptime()
@@ -252,6 +256,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15, help="seconds of load per run (default 15)")
     ap.add_argument("--batch-wait-ms", type=float, default=5)
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--queries", choices=["dense", "short"], default="dense", help="caption kind (default dense)")
+    ap.add_argument("--threads", type=int, help="the servers' torch threads (default: torch's choice)")
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_serve", help="cache of images and indexes")
     ap.add_argument("--out", type=Path, help="append the Markdown report here")

@@ -37,6 +37,7 @@ def add_commands(sub) -> None:
     p.add_argument("--caption-encoder", help="caption-encoder spec overriding the model's record (e.g. smollm2)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"], help="weights' precision (fp32)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run_serve)
 
@@ -52,6 +53,11 @@ def run_serve(args) -> int:
         raise ConfigError(f"llm2clip serve needs fastapi, uvicorn and python-multipart ({err}); "
                           "pip install 'llm2clip[serve]'") from None
     from ..search.index import ImageIndex, open_model_for
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     idx = ImageIndex.open(args.index)
     lm = open_model_for(idx, args.model, args.device, args.precision, args.caption_encoder)
