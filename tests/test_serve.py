@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import shutil
 import struct
 import threading
@@ -22,6 +23,7 @@ from stage2_helpers import tiny_run_config
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
 pytest.importorskip("multipart", reason="the serve extra (python-multipart) is not installed")
+pytest.importorskip("httpx", reason="httpx (the dev extra) is not installed")
 import httpx
 from fastapi.testclient import TestClient
 
@@ -29,6 +31,7 @@ import llm2clip
 from llm2clip.config import parse_config
 from llm2clip.data.scenes import SceneSet
 from llm2clip.errors import ConfigError
+from llm2clip.fileio import building_dir
 from llm2clip.model import LLM2CLIP
 from llm2clip.search import ImageIndex, add_to_index, build_index, search_index
 from llm2clip.search.cli import add_commands as search_commands
@@ -193,6 +196,8 @@ def _bad_requests(images: Path):
         ("form text instead of a file", "/v1/search", {"data": {"image": "cat"}}, 422),
         ("oversized body", "/v1/search", {"content": b"x" * (2 << 20), "headers": {"content-type": "text/plain"}}, 413),
         ("oversized upload", "/v1/embed/image", img(b"\x89PNG" + b"\0" * (2 << 20)), 413),
+        ("oversized streamed body", "/v1/search", {"content": iter([b"x" * (1 << 19)] * 4),
+                                                   "headers": {"content-type": "application/json"}}, 413),
         ("embed: no texts", "/v1/embed/text", {"json": {"texts": []}}, 422),
         ("embed: blank text", "/v1/embed/text", {"json": {"texts": ["ok", " "]}}, 422),
         ("embed: too many texts", "/v1/embed/text", {"json": {"texts": ["a cat"] * 65}}, 422),
@@ -355,6 +360,17 @@ def test_readers_never_see_a_half_written_version(tmp_path, model_dir, lm):
     (out / "manifest.json").rename(tmp_path / "m.json")
     assert len(service.current()) == 10
     (tmp_path / "m.json").rename(out / "manifest.json")
+    # a version built by another model is not switched to (and not read again on every query)
+    with building_dir(out) as tmp:
+        for f in out.iterdir():
+            shutil.copy(f, tmp / f.name)
+        mf = json.loads((tmp / "manifest.json").read_text())
+        mf["model"]["weights_sha256"] = "0" * 64
+        mf["version"] = 99
+        (tmp / "manifest.json").write_text(json.dumps(mf))
+    reloads = service.stats["reloads"]
+    assert service.current().version == 4 and service.current().version == 4
+    assert service.stats["reloads"] == reloads and service._refused_stamp is not None
 
 
 def test_index_add_refuses_another_model_and_bad_usage(tmp_path, model_dir, index_dir, images):
