@@ -187,6 +187,14 @@ def test_hnsw_index(tmp_path, model_dir, images):
     assert type(idx.index).__name__ == "IndexHNSWFlat"
     for rel in ("a/scene03.png", "scene05.png"):
         assert search_index(idx, image=images / rel, k=5, ef_search=16)[0].file == rel
+    extra = tmp_path / "extra"  # `index add` keeps the index kind and its settings
+    extra.mkdir()
+    SceneSet(1, seed=123, render_size=32).image(0).save(extra / "new.png")
+    assert _cli("index", "add", out, extra, "--no-progress") == 0
+    grown = ImageIndex.open(out)
+    assert type(grown.index).__name__ == "IndexHNSWFlat" and grown.manifest["index"] == idx.manifest["index"]
+    assert len(grown) == N_SCENES + 1 and grown.version == 2
+    assert search_index(grown, image=extra / "new.png", k=3)[0].path == str((extra / "new.png").resolve())
 
 
 def test_precision_option_and_its_old_name(flat_index, images, model_dir, capsys):
