@@ -178,3 +178,7 @@ def test_page_text_image_and_click_searches(server, browser):
     browser.find_element(By.ID, "query").clear()
     browser.find_element(By.ID, "search-btn").click()
     WebDriverWait(browser, 5).until(lambda d: "type a description" in d.find_element(By.ID, "status").text)
+    browser.execute_script("document.getElementById('query').value = 'word '.repeat(5000)")  # over the limit
+    browser.find_element(By.ID, "search-btn").click()
+    WebDriverWait(browser, 10).until(lambda d: "at most 20000 characters" in d.find_element(By.ID, "status").text)
+    assert "text:" in browser.find_element(By.ID, "status").text

@@ -29,7 +29,9 @@ async function run(body, label) {
     const roundTrip = performance.now() - t0;
     if (!resp.ok) {
       const d = data.detail;
-      say(escapeHtml(typeof d === "string" ? d : JSON.stringify(d)), true);
+      // FastAPI's validation errors are a list of {loc, msg}; the rest are one string
+      const msg = Array.isArray(d) ? d.map((e) => `${(e.loc || []).filter((x) => x !== "body").join(".")}: ${e.msg}`).join("; ") : d;
+      say(escapeHtml(typeof msg === "string" ? msg : JSON.stringify(msg)), true);
       return;
     }
     show(data, roundTrip, label);
