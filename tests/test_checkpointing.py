@@ -85,15 +85,19 @@ def _collective_writer(rank, world, port, root):
 
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     outcome = []
-    for step, fail in ((1, False), (2, True)):
+    for step, fail in ((1, None), (2, "files"), (3, "shard")):
         def files(d, fail=fail):
-            if fail:
+            if fail == "files":
                 raise OSError("disk full")
             (d / "m.json").write_text("{}")
 
+        def shard(d, fail=fail):
+            if fail == "shard" and rank == 1:
+                raise OSError("quota")
+            (d / f"shard{rank}").write_bytes(b"x")
+
         try:
-            C.write_checkpoint(root, step, {"step_of": step}, "stage2", files,
-                               write_shared=lambda d, rank=rank: (d / f"shard{rank}").write_bytes(b"x"))
+            C.write_checkpoint(root, step, {"step_of": step}, "stage2", files, write_shared=shard)
             outcome.append("ok")
         except OSError as err:
             outcome.append(str(err))
@@ -114,8 +118,9 @@ def test_a_collective_checkpoint_is_one_folder_and_a_rank0_failure_ends_every_ra
     mp.spawn(_collective_writer, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     assert sorted(p.name for p in (tmp_path / "step_00000001").iterdir()) == ["m.json", "shard0", "shard1",
                                                                               C.STATE_FILE]
-    assert [p.name for p in C.list_checkpoints(tmp_path)] == ["step_00000001"]  # step 2 failed: not published
-    assert (tmp_path / "outcome0.txt").read_text() == "ok\ndisk full"
+    assert [p.name for p in C.list_checkpoints(tmp_path)] == ["step_00000001"]  # steps 2, 3 failed: not published
+    lost = "rank 1 could not write its part (OSError: quota)"
+    assert (tmp_path / "outcome0.txt").read_text().splitlines() == ["ok", "disk full", lost]
     assert (tmp_path / "outcome1.txt").read_text().splitlines() == [
-        "ok", f"checkpoint {tmp_path / 'step_00000002'}: rank 0 could not write it (OSError: disk full)"]
+        "ok", f"checkpoint {tmp_path / 'step_00000002'}: rank 0 could not write it (OSError: disk full)", lost]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left

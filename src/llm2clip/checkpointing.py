@@ -190,35 +190,55 @@ def write_checkpoint(root: str | Path, step: int, state: dict, stage: str,
 
 
 def _write_collective(root, step, state, stage, write_files, keep, write_shared) -> Path:
-    """Rank 0 builds the temp folder and tells every rank where it is (``("tmp", path)``); all write their
-    shards there; rank 0 adds its files and the state, publishes, and tells its outcome (``("ok", None)``),
-    or at any point ``("err", why)``, so that no rank waits on one that failed."""
+    """Rank 0 builds the temp folder and tells every rank where it is (``("tmp", path)``); every rank writes
+    its shards there and all learn whether every rank succeeded; then rank 0 adds its files and the state,
+    publishes, and tells its outcome (``("ok", None)``). A failure before or after the shared part is
+    told as ``("err", why)``, so that no rank waits on one that failed."""
     dist = _dist()
     final = step_dir(root, step)
     if dist is not None and dist.get_rank() != 0:
         kind, val = _from_rank0(None)
         if kind == "tmp":
-            try:
-                write_shared(Path(val))
-            finally:
-                kind, val = _from_rank0(None)
+            _all_ranks(write_shared, Path(val))
+            kind, val = _from_rank0(None)
         if kind == "err":
             raise OSError(f"checkpoint {final}: rank 0 could not write it ({val})")
         return final
 
+    told = []  # rank 0's messages so far: an error is told only where the other ranks wait for one
+
     def files(tmp: Path) -> None:
-        _from_rank0(("tmp", str(tmp)))
-        write_shared(tmp)
+        told.append(_from_rank0(("tmp", str(tmp))))
+        _all_ranks(write_shared, tmp)
+        told.append("shared")
         if write_files is not None:
             write_files(tmp)
 
     try:
         write_checkpoint(root, step, state, stage, files, keep)
     except BaseException as err:
-        _from_rank0(("err", f"{type(err).__name__}: {err}"))
+        if len(told) != 1:  # not when the shared part failed: every rank raised there
+            _from_rank0(("err", f"{type(err).__name__}: {err}"))
         raise
     _from_rank0(("ok", None))
     return final
+
+
+def _all_ranks(fn, *args) -> None:
+    """``fn(*args)`` on every rank; each then raises if any rank failed (rank 0 publishes only complete folders)."""
+    try:
+        fn(*args)
+        err = None
+    except Exception as e:  # told to the other ranks, then raised on every one
+        err = f"{type(e).__name__}: {e}"
+    dist = _dist()
+    errs = [err]
+    if dist is not None:
+        errs = [None] * dist.get_world_size()
+        dist.all_gather_object(errs, err)
+    bad = [(r, e) for r, e in enumerate(errs) if e]
+    if bad:
+        raise OSError(f"rank {bad[0][0]} could not write its part ({bad[0][1]})")
 
 
 # ----------------------------------------------------------------------------------------- read

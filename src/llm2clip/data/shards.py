@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -98,6 +99,15 @@ def spool_size(shuffle_shards: int) -> int:
 def _remove_spool(folder: Path, pid: int) -> None:
     if os.getpid() == pid:  # not a DataLoader worker's forked copy
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fetch_quietly(fetcher: ShardFetcher, urls: list) -> None:
+    try:
+        for url in urls:
+            if isinstance(url, str):
+                fetcher.local(url)
+    except OSError:  # e.g. the spool removed at shutdown; a real failure is met again when the shard is read
+        pass
 
 
 def _mtime(p: Path) -> float:
@@ -373,7 +383,16 @@ class ShardStream(torch.utils.data.IterableDataset):
             if len(self._groups) >= 4:  # a batch spans at most a few groups
                 self._groups.pop(next(iter(self._groups)))
             self._groups[(epoch, g)] = got
+            self._prefetch(epoch, g)
         return got
+
+    def _prefetch(self, epoch: int, g: int) -> None:
+        """Fetch the next group's remote shards in the background, so that its first batch need not wait."""
+        if self.fetcher is None:
+            return
+        e, n = (epoch, g + 1) if g + 1 < self._n_groups(epoch) else (epoch + 1, 0)
+        urls = [self.shards[s] for s in self._rank_shards(e)[n * self.k : (n + 1) * self.k]]
+        threading.Thread(target=_fetch_quietly, args=(self.fetcher, urls), daemon=True).start()
 
     def _index(self, s: int) -> list:
         path = self._local(s)
