@@ -454,3 +454,29 @@ def test_a_checkpoint_holding_pickled_objects_is_refused_unread(tiny_llm_dir, gr
     with pytest.raises(InputError, match=r"step_00000002/train_state\.pt: refused"):
         Stage1Trainer(config(tiny_llm_dir, groups_file, out), progress=False).run()
     assert not marker.exists()
+
+
+def test_frozen_weights_in_bf16_halve_their_memory_and_keep_lora_in_fp32(tiny_llm_dir, groups_file, tmp_path):
+    """optim.frozen_dtype bfloat16: the base LLM is stored in bf16 (half the bytes), the LoRA weights that
+    train stay fp32, training runs and exports an encoder; it needs bf16 precision."""
+    def frozen_bytes(tr):
+        return sum(p.numel() * p.element_size() for p in tr.peft.parameters() if not p.requires_grad)
+
+    fp32 = Stage1Trainer(config(tiny_llm_dir, groups_file, tmp_path / "a", lora={"top_layers": 1},
+                                optim={"precision": "bf16"}), progress=False)
+    half = Stage1Trainer(config(tiny_llm_dir, groups_file, tmp_path / "b", lora={"top_layers": 1},
+                                optim={"precision": "bf16", "frozen_dtype": "bfloat16"}), progress=False)
+    assert frozen_bytes(half) * 2 == frozen_bytes(fp32)
+    assert {p.dtype for p in half.params} == {torch.float32}
+    assert {p.dtype for p in half.peft.parameters() if not p.requires_grad} == {torch.bfloat16}
+    summary = half.run()
+    assert summary["step"] == 4 and 0 <= summary["cra_R@1"] <= 1
+    from safetensors.torch import load_file
+
+    lora = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    b = [t for k, t in lora.items() if "lora_B" in k]  # zero at initialisation: trained if not
+    assert b and all(t.dtype == torch.float32 for t in b) and any(t.abs().sum() > 0 for t in b)
+    enc = CaptionEncoder.from_pretrained(tmp_path / "b" / "encoder")
+    assert torch.isfinite(enc.encode(CAPS)).all()
+    with pytest.raises(ValueError, match="frozen_dtype bfloat16 needs optim.precision bf16"):
+        config(tiny_llm_dir, groups_file, tmp_path / "c", optim={"frozen_dtype": "bfloat16"})

@@ -74,7 +74,9 @@ class Stage1Trainer:
                               f"{self.world} processes")
         torch.manual_seed(cfg.optim.seed)  # the same LoRA initialisation on every rank
 
-        ecfg = cfg.encoder.model_copy(update={"dtype": "float32"})  # fp32 master weights; bf16 via autocast
+        # the frozen weights in fp32 (bf16 matmuls via autocast) or, to halve a large LLM's memory, in bf16;
+        # LoRA's own weights stay fp32 either way (peft keeps adapters in fp32 over a bf16 base)
+        ecfg = cfg.encoder.model_copy(update={"dtype": cfg.optim.frozen_dtype})
         mntp = cfg.objective == "mntp"
         self.encoder = CaptionEncoder.from_config(ecfg, with_lm_head=mntp)
         self.base_identity = dict(self.encoder.identity())
