@@ -143,3 +143,15 @@ def test_a_remote_run_equals_the_local_one_and_resumes_exactly(shards, serve, tm
           for run in ("local", "remote")}
     assert st["local"]["data"]["positions"] == st["remote"]["data"]["positions"]
     assert run_cfg(tmp_path / "x", data__train=remote).data.train.shards == remote["shards"]  # not made a path
+
+
+def test_config_paths_leave_urls_and_commands_as_written(tmp_path):
+    from llm2clip.train.config import WebDatasetSource
+
+    src = WebDatasetSource(shards="https://h/a-{0..1}.tar::local/b.tar")
+    src.resolve_paths(tmp_path)
+    assert src.shards == f"https://h/a-{{0..1}}.tar::{tmp_path / 'local/b.tar'}"
+    urls = ["s3://bucket/c.tar", "pipe:curl -s http://h/d.tar", "file:///data/e.tar"]
+    src = WebDatasetSource(shards=[*urls, "f.tar"])
+    src.resolve_paths(tmp_path)
+    assert src.shards == [*urls, str(tmp_path / "f.tar")]
