@@ -387,3 +387,21 @@ def test_index_add_refuses_another_model_and_bad_usage(tmp_path, model_dir, inde
         _cli("index", "add", index_dir)
     with pytest.raises(InputError, match="usage"):
         _cli("index", images)  # no --model / --out
+
+
+def test_a_second_index_add_on_the_same_index_fails_at_once(index_dir, images, model_dir):
+    import subprocess
+    import sys
+
+    from llm2clip.fileio import FolderInUseError
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from llm2clip.fileio import lock_folder; "
+                               f"lock_folder({str(index_dir)!r}); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderInUseError, match=f"PID {holder.pid}"):
+            add_to_index(index_dir, images, model_dir)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -509,7 +509,16 @@ def add_to_index(index: str | Path, images_dir: str | Path, model=None, *, batch
 
     The new version is built in a folder beside the index and swapped in whole (fileio.building_dir): a
     reader (``llm2clip serve``) sees the old version or the new one. Rows of the old version keep their
-    numbers. Images outside the index's image folder are recorded by absolute path."""
+    numbers. Images outside the index's image folder are recorded by absolute path. One add at a time: a
+    second process adding to the same index fails at once, naming the first (each would build on the same
+    old version, and the later swap would drop the earlier one's images)."""
+    from ..fileio import folder_lock
+
+    with folder_lock(index, "llm2clip index add"):
+        return _add_to_index(index, images_dir, model, batch_size, workers, device, precision, progress)
+
+
+def _add_to_index(index, images_dir, model, batch_size, workers, device, precision, progress) -> AddResult:
     from tqdm.auto import tqdm
 
     from ..fileio import building_dir
