@@ -133,7 +133,7 @@ def test_a_missing_extra_names_it(monkeypatch, capsys):
 
 def test_extras_all_and_dev_hold_every_extra():
     extras = PYPROJECT["project"]["optional-dependencies"]
-    named = {"train", "search", "serve", "export", "logging"}
+    named = {"train", "search", "serve", "export", "logging", "remote"}
     assert named | {"all", "dev"} == set(extras)
     assert extras["all"] == [f"llm2clip[{','.join(sorted(named, key=list(extras).index))}]"]
     assert "llm2clip[all]" in extras["dev"]

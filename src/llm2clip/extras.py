@@ -27,6 +27,7 @@ EXTRA_OF = {
     "onnxruntime": "export",
     "onnxscript": "export",
     "tensorboard": "logging",
+    "aiohttp": "remote",
     "wandb": None,  # optional beside TensorBoard, in no extra: a large install few need
 }
 
