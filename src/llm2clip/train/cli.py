@@ -18,11 +18,12 @@ examples:
   llm2clip shards data/manifest.jsonl --out data/shards      # a manifest into webdataset tar shards
 
 Data sources (data.train / data.val): scenes, manifest, fashion_mnist, and webdataset
-({kind: webdataset, shards: data/shards} or a pattern like data/shards/train-{000000..000009}.tar),
-streamed in a seeded order, each rank reading its own shards; a resumed run continues at each rank's
-saved position (with the same number of processes). train.strategy: fsdp shards parameters,
-gradients and optimizer state over the ranks (FSDP2) for towers too large to replicate; its
-checkpoints are full ones, resumable under ddp or fsdp.
+({kind: webdataset, shards: data/shards}, a pattern like data/shards/train-{000000..000009}.tar, or URLs:
+s3://, gs://, https://, file://, pipe:CMD through fsspec), streamed in a seeded order, each rank reading
+its own shards; a resumed run continues at each rank's saved position (with the same number of
+processes). train.strategy: fsdp shards parameters, gradients and optimizer state over the ranks
+(FSDP2) for towers too large to replicate; its checkpoints are sharded (each rank writes its part into
+dcp/) and resume on any number of processes.
 
 The config is YAML with sections run_dir, seed, model (vision, text, embed_dim, loss), data (train,
 val, features, caption_kinds), optim (lr, weight_decay, layer_decay, warmup_steps, grad_clip) and
