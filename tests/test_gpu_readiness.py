@@ -157,3 +157,36 @@ def test_a_failing_rank_prints_its_error_and_exits_without_waiting(monkeypatch, 
         cli.run_train(args)
     assert calls == [("exit", 1)]  # no barrier before leaving
     assert "out of memory on this rank" in capsys.readouterr().err
+
+
+def test_gpu_defaults_bf16_tf32_and_pinned_batches_leave_a_cpu_run_as_it_was(tmp_path):
+    """train.precision auto is bf16 on a GPU and fp32 on a CPU; TF32 is switched on for a GPU only; batches are
+    pinned for a GPU only. A CPU run records precision fp32 and touches none of the CUDA flags."""
+    from stage2_helpers import run_cfg
+
+    from llm2clip.distributed import pin_memory
+    from llm2clip.train.loop import fit, resolve_precision, use_tf32
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_precision("auto", cuda) == "bf16" and resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("fp16", cuda) == "fp16" and resolve_precision("bf16", cpu) == "bf16"
+    assert pin_memory(cuda) and not pin_memory(cpu)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:  # (the flags are process-wide: set them, and put them back after)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        use_tf32(cpu, True)
+        use_tf32(cuda, False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        use_tf32(cuda, True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        cfg = run_cfg(tmp_path / "run", train__steps=2, data__val=None)
+        assert cfg.train.precision == "auto"
+        fit(cfg, progress=False)
+        assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    import json
+
+    manifest = json.loads((tmp_path / "run" / "model" / "llm2clip_model.json").read_text())
+    assert manifest["training"]["precision"] == "fp32"

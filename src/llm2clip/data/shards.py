@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..distributed import pin_memory
 from ..errors import ConfigError, InputError
 from ..fileio import image_errors, open_image, prepare_output_dir, publish_dir
 from ..jobs import Job
@@ -511,7 +512,8 @@ def stream_loader(src, cfg, dist_info, transform, features, tokenize, step: int,
     stream = ShardStream(shards, T.batch_size // (dist_info.world * T.accum_steps),
                          dist_info.world, dist_info.rank, cfg.seed, transform, cfg.data.caption_kinds, features,
                          tokenize, src.shuffle_shards, start, (T.steps - step) * T.accum_steps, fetcher=fetcher)
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.workers)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.workers,
+                                       pin_memory=pin_memory(dist_info.device))
 
 
 def source_fetcher(src, shards: Sequence, keep: int | None = None) -> ShardFetcher | None:

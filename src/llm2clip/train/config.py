@@ -153,7 +153,9 @@ class LoopConfig(StrictModel):
     batch_size: int = Field(64, ge=2, description="global contrastive batch (all ranks, all accumulation steps)")
     steps: int = Field(1000, ge=1)
     accum_steps: int = Field(1, ge=1)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description=(
+        "auto: bf16 autocast on a GPU, fp32 elsewhere (a CPU gains nothing from bf16 at these sizes)"))
+    tf32: bool = Field(True, description="on a GPU, TF32 tensor cores for the fp32 matmuls that remain")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="fsdp: shard parameters, gradients and optimizer "
                                              "state over ranks (FSDP2), for towers too large to replicate")
     grad_checkpointing: bool = False

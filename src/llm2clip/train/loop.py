@@ -123,6 +123,19 @@ def _training_embeddings(features, records) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------- helpers
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast on a GPU, fp32 elsewhere; any other value as given."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def use_tf32(device: torch.device, enabled: bool) -> None:
+    """On a GPU, let fp32 matmuls and convolutions use TF32 tensor cores (a CPU is left as it is)."""
+    if device.type == "cuda" and enabled:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -194,6 +207,8 @@ class Stage2Trainer:
         if T.threads:
             torch.set_num_threads(T.threads)
         self.di = dist_info or init_distributed(T.device)
+        self.precision = resolve_precision(T.precision, self.di.device)
+        use_tf32(self.di.device, T.tf32)
         self.run_dir = Path(cfg.run_dir)
         self.step, self.data_state = 0, {"skipped": 0, "seen": 0}
         self.last: dict = {}
@@ -243,7 +258,7 @@ class Stage2Trainer:
 
         self.scheduler = build_scheduler(self.optimizer, T.steps, cfg.optim.warmup_steps, cfg.optim.lr,
                                          cfg.optim.min_lr)
-        self.scaler = torch.amp.GradScaler(di.device.type) if T.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(di.device.type) if self.precision == "fp16" else None
 
     def restore(self) -> None:
         """Continue from the checkpoint ``resume`` names; without one the run starts over, and the
@@ -293,7 +308,8 @@ class Stage2Trainer:
             sampler = StepBatchSampler(len(dataset), T.batch_size, di.world, di.rank, T.accum_steps, cfg.seed,
                                        self.step, T.steps)
             self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.workers,
-                                                      collate_fn=collate, persistent_workers=False)
+                                                      collate_fn=collate, persistent_workers=False,
+                                                      pin_memory=_dist.pin_memory(di.device))
         self.val_set = None
         if self.val_records:
             imgs = torch.stack([self.eval_tf(self.val_loader_fn(r.image)) for r in self.val_records])
@@ -314,8 +330,8 @@ class Stage2Trainer:
             self.data_state["position"] = micro[-1][3]
         self.data_state["seen"] += sum(len(m[0]) for m in micro)
         _check_bad(self.data_state, self.cfg.data.max_bad_fraction)
-        loss = _train_step(self.train_model, self.net, micro, self.loss_fn, self.optimizer, self.scaler, T,
-                           self.cfg.optim, self.di)
+        loss = _train_step(self.train_model, self.net, micro, self.loss_fn, self.optimizer, self.scaler,
+                           self.precision, self.cfg.optim, self.di)
         self.scheduler.step()
         self.net.clamp_logit_scale()
         self.step += 1
@@ -347,7 +363,7 @@ class Stage2Trainer:
             final = self.step == T.steps
             ranks: dict | None = {} if final else None
             ev = evaluate_retrieval(self.net, *self.val_set, di.device, T.eval_k, T.eval_batch_size,
-                                    _autocast(di.device, T.precision) if T.precision != "fp32" else None, ranks)
+                                    _autocast(di.device, self.precision) if self.precision != "fp32" else None, ranks)
             if final and di.main:  # every query's rank: models compared on the same images, query by query
                 write_json_atomic(self.run_dir / HELDOUT_RANKS, {"step": self.step, "n": ev["n"], "ranks": ranks},
                                   indent=None)
@@ -381,7 +397,7 @@ class Stage2Trainer:
         feats = None if f is None else (f"feature store `{Path(f.store).name}`" if f.store
                                         else f"embedded in memory ({f.encoder.kind})")
         return {"name": self.run_dir.resolve().name, "steps": T.steps, "batch_size": T.batch_size,
-                "lr": cfg.optim.lr, "precision": T.precision, "world_size": self.di.world, "seed": cfg.seed,
+                "lr": cfg.optim.lr, "precision": self.precision, "world_size": self.di.world, "seed": cfg.seed,
                 "data": {"train": describe_source(cfg.data.train), "val": describe_source(cfg.data.val),
                          "caption_kinds": cfg.data.caption_kinds},
                 "features": feats, "final_loss": self.last.get("loss"),
@@ -468,7 +484,7 @@ def _check_bad(state: dict, max_fraction: float) -> None:
                          f"{max_fraction}")
 
 
-def _train_step(train_model, model, micro, loss_fn, optimizer, scaler, T, optim_cfg, di) -> float:
+def _train_step(train_model, model, micro, loss_fn, optimizer, scaler, precision, optim_cfg, di) -> float:
     """One optimizer step over ``accum_steps`` micro-batches, contrasting the whole accumulated batch.
 
     With accumulation, features of every micro-batch are first computed without gradients; then each
@@ -476,7 +492,7 @@ def _train_step(train_model, model, micro, loss_fn, optimizer, scaler, T, optim_
     through it (open_clip's accum-freq). The summed gradients equal those of one big batch.
     """
     dev = di.device
-    ac = _autocast(dev, T.precision)
+    ac = _autocast(dev, precision)
     bias = model.logit_bias
     micro = [(m[0].to(dev, non_blocking=True), m[1].to(dev, non_blocking=True)) for m in micro]
     optimizer.zero_grad(set_to_none=True)
