@@ -66,18 +66,19 @@ def _stop(proc: subprocess.Popen) -> None:
             pass
 
 
-def two_nodes(args: list[str], logs: Path, timeout: float = DEADLINE_S) -> list[str]:
+def two_nodes(args: list[str], logs: Path, timeout: float = DEADLINE_S, launchers: int = 2,
+              procs: list | None = None) -> list[str]:
     """Run ``args`` (torchrun's script part) on two one-process 'nodes' joined by a c10d rendezvous on
     127.0.0.1; asserts both launchers succeed and returns their logs. Both are killed (workers included)
-    on any way out."""
+    on any way out. ``launchers=1`` leaves the second node out; ``procs`` receives the launchers."""
     port, rdzv_id = free_port(), f"multinode-{uuid.uuid4().hex[:8]}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", rdzv_id,
            "--rdzv-conf", "join_timeout=120", "--max-restarts", "0", *args]
     logs.mkdir(parents=True, exist_ok=True)
-    procs, files = [], []
+    procs, files = [] if procs is None else procs, []
     try:
-        for node in range(2):
+        for node in range(launchers):
             files.append(open(logs / f"launcher{node}.log", "w"))
             procs.append(subprocess.Popen(cmd, env=_env(), stdout=files[-1], stderr=subprocess.STDOUT))
         end = time.monotonic() + timeout
@@ -88,7 +89,7 @@ def two_nodes(args: list[str], logs: Path, timeout: float = DEADLINE_S) -> list[
             _stop(p)
         for f in files:
             f.close()
-    out = [(logs / f"launcher{n}.log").read_text() for n in range(2)]
+    out = [(logs / f"launcher{n}.log").read_text() for n in range(launchers)]
     for p, text in zip(procs, out, strict=True):
         assert p.returncode == 0, text[-4000:]
     return out
@@ -103,6 +104,18 @@ def test_rendezvous_gives_each_launcher_its_node_rank(tmp_path):
     seen = sorted(line.split()[1:] for text in two_nodes([str(probe)], tmp_path / "logs", timeout=180)
                   for line in text.splitlines() if line.startswith("ENV"))
     assert seen == [["0", "0", "0", "2"], ["1", "1", "0", "2"]]
+
+
+def test_a_node_that_never_joins_fails_in_time_and_is_stopped(tmp_path):
+    """The guard of every test here: a rendezvous that never completes ends at the deadline, launcher killed."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("raise SystemExit('the rendezvous should not have completed')\n")
+    procs: list = []
+    t0 = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        two_nodes([str(probe)], tmp_path / "logs", timeout=10, launchers=1, procs=procs)
+    assert time.monotonic() - t0 < 60
+    assert len(procs) == 1 and procs[0].returncode is not None
 
 
 # ------------------------------------------------------------------------------------------ stage 1
