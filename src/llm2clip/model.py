@@ -11,6 +11,7 @@ ModelHubMixin gives ``push_to_hub``), and ``from_pretrained`` also takes a Hub i
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from functools import lru_cache
@@ -26,7 +27,10 @@ from torch import nn
 from . import hub
 from .config import StrictModel
 from .errors import ConfigError, InputError
+from .identity import numerics_note, without_numerics
 from .vision import VisionConfig, build_vision_tower
+
+log = logging.getLogger(__name__)
 
 MODEL_MANIFEST = "llm2clip_model.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -168,9 +172,14 @@ class ClipTextTower(nn.Module):
 
 # ----------------------------------------------------------------------------------- identity
 def check_identity(expected: dict | None, actual: dict | None, what: str = "caption encoder") -> None:
-    """Raise unless the two identities agree on every key they share (and share one)."""
+    """Raise unless the two identities agree on every key they share (and share one); numerics that differ
+    (compute dtype, batching) are a warning."""
     if not expected or not actual:
         return
+    note = numerics_note(expected, actual, "model trained on", "now")
+    if note:
+        log.warning("%s %s", what, note)
+    expected, actual = without_numerics(expected), without_numerics(actual)
     common = set(expected) & set(actual)
     if not common:
         raise ConfigError(f"{what} identity shares no field with the model's: {sorted(actual)} vs {sorted(expected)}")

@@ -36,6 +36,7 @@ from .store import (
     IdentityMismatchError,
     Layout,
     StoreError,
+    _identity_diff,
     _jsonable,
     finalize_store,
     shard_name,
@@ -353,9 +354,8 @@ def _prepare_out(out: Path, record: dict) -> bool:
 
 
 def _same_job(where: Path, have: dict, want: dict) -> None:
-    if have.get("identity") != want["identity"]:
-        diff = sorted(k for k in set(have.get("identity") or {}) | set(want["identity"])
-                      if (have.get("identity") or {}).get(k) != want["identity"].get(k))
+    diff, _ = _identity_diff(have.get("identity") or {}, want["identity"], "have", "want")
+    if diff:  # numerics included: one store holds one dtype's vectors
         raise IdentityMismatchError(
             f"{where}: this store was started with another encoder (differing fields: {', '.join(diff)}); "
             "use a new 'out' directory")

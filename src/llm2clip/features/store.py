@@ -35,6 +35,7 @@ import numpy as np
 from ..errors import InputError
 from ..fileio import JOB_RECORD, TMP_MARK, remove_temp_files, write_bytes_atomic  # noqa: F401  (re-exported)
 from ..hashing import file_sha256
+from ..identity import NUMERICS, numerics_diff, numerics_note, without_numerics
 from ..jobs import Job
 
 log = logging.getLogger(__name__)
@@ -254,12 +255,19 @@ def _short(v, n: int = 80) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
-def _identity_diff(got: dict, exp: dict, got_name: str, exp_name: str) -> tuple[list[str], str]:
-    """The differing fields of two identities, and one line per field with both values."""
+def _identity_diff(got: dict, exp: dict, got_name: str, exp_name: str,
+                   numerics: bool = True) -> tuple[list[str], str]:
+    """The differing fields of two identities, and one line per field with both values. ``numerics``: the
+    numerics both record count too (one store must not mix dtypes); absent ones agree with any."""
     missing = object()
-    diff = [k for k in sorted(set(exp) | set(got)) if exp.get(k, missing) != got.get(k, missing)]
-    return diff, "\n".join(f"  {k}: {got_name} {_short(got.get(k, '<absent>'))}, {exp_name} "
-                           f"{_short(exp.get(k, '<absent>'))}" for k in diff)
+    g, e = without_numerics(got), without_numerics(exp)
+    diff = [k for k in sorted(set(e) | set(g)) if e.get(k, missing) != g.get(k, missing)]
+    lines = [f"  {k}: {got_name} {_short(g.get(k, '<absent>'))}, {exp_name} {_short(e.get(k, '<absent>'))}"
+             for k in diff]
+    if numerics and numerics_diff(got, exp):
+        diff.append(NUMERICS)
+        lines.append(f"  {NUMERICS}: {got_name} {_short(got[NUMERICS])}, {exp_name} {_short(exp[NUMERICS])}")
+    return diff, "\n".join(lines)
 
 
 def _check_record(path: Path, record: dict | None, identity: dict, required: bool) -> None:
@@ -269,8 +277,8 @@ def _check_record(path: Path, record: dict | None, identity: dict, required: boo
             raise StoreError(f"{path}: the shard records no encoder identity: it was not written with this "
                              "store (a shard of an older store copied in?); run `features verify`")
         return
-    if record["identity"] != identity:
-        diff, lines = _identity_diff(record["identity"], identity, "shard written under", "store manifest has")
+    diff, lines = _identity_diff(record["identity"], identity, "shard written under", "store manifest has")
+    if diff:
         raise IdentityMismatchError(
             f"{path}: this shard was written under another encoder identity than the store's manifest names "
             f"(differing fields: {', '.join(diff)}):\n{lines}\n  shard identity: {_short(record['identity'], 300)}"
@@ -397,8 +405,13 @@ class FeatureStore:
         return f"FeatureStore({str(self.path)!r}, rows={len(self)}, ids={self.num_ids}, dim={self.dim}, {self.dtype})"
 
     def check_identity(self, expected: dict) -> None:
-        """Raise IdentityMismatchError naming every field that differs from ``expected``."""
-        diff, lines = _identity_diff(self.identity, _jsonable(expected), "store has", "expected")
+        """Raise IdentityMismatchError naming every field that differs from ``expected``; numerics that differ
+        (compute dtype, batching) are a warning."""
+        expected = _jsonable(expected)
+        note = numerics_note(self.identity, expected, "store", "expected")
+        if note:
+            log.warning("%s: %s", self.path, note)
+        diff, lines = _identity_diff(self.identity, expected, "store has", "expected", numerics=False)
         if diff:
             raise IdentityMismatchError(
                 f"{self.path}: made by another encoder than the one expected; differing fields: "

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputError
 from ..fileio import write_json_atomic
+from ..identity import NUMERICS
 from .attention import attention_inputs
 from .config import LLMEncoderConfig
 from .loading import DTYPES, load_tokenizer, load_weights, resolve_source
@@ -136,6 +137,8 @@ class CaptionEncoder:
             "instruction": c.instruction,
             "max_length": c.max_length,
             "dim": self.dim,
+            # how the numbers were computed: recorded and compared, a difference is a warning (llm2clip.identity)
+            NUMERICS: {"dtype": c.dtype, "batching": c.batching},
         }
 
     @property
