@@ -29,9 +29,11 @@ needs_linux = pytest.mark.skipif(not LINUX, reason="reads /proc; PR_SET_PDEATHSI
 # ------------------------------------------------------------------------------------------ processes
 def _llm2clip(*argv: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    # its own session: the test can clean up whatever is left without touching pytest's process group
+    # its own session: the test can clean up whatever is left without touching pytest's process group; SIGINT
+    # as in a terminal (a test run started in the background inherits it ignored, and so would the child)
     return subprocess.Popen([sys.executable, "-m", "llm2clip", *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _run_smoke(run_dir: Path) -> subprocess.Popen:
