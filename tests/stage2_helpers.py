@@ -214,3 +214,28 @@ def rng_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     restore_rng(torch.load(path, weights_only=True)["rng"], rank, world)
     torch.save({"first": first, "again": torch.rand(4)}, Path(out_dir) / f"draw{rank}.pt")
     _finish()
+
+
+def search_cli(*argv) -> int:
+    """`llm2clip index` / `index add` / `search` in-process, with errors raised rather than turned into exit codes."""
+    import argparse
+
+    from llm2clip.search.cli import add_commands
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args([str(a) for a in argv])
+    return args.func(args)
+
+
+def bow_store(cfg, path, dim: int = 24):
+    """A feature store of bag-of-words vectors over every caption of a run config's train and val sources."""
+    from llm2clip.data.images import BagOfWordsConfig, BagOfWordsEncoder, caption_texts
+    from llm2clip.features.store import write_store
+    from llm2clip.train.loop import build_source
+
+    caps = {}
+    for src in (cfg.data.train, cfg.data.val):
+        caps.update(caption_texts(build_source(src)[0]))
+    enc = BagOfWordsEncoder(BagOfWordsConfig(dim=dim))
+    return write_store(path, list(caps), enc.encode(list(caps.values())).numpy(), identity=enc.identity())

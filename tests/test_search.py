@@ -3,7 +3,6 @@ model check, and real retrieval behaviour (an image finds itself; text scores eq
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stage2_helpers import search_cli as _cli
 from stage2_helpers import tiny_run_config
 
 import llm2clip
@@ -20,7 +20,6 @@ from llm2clip.errors import ConfigError, InputError
 from llm2clip.fileio import JOB_RECORD
 from llm2clip.model import LLM2CLIP
 from llm2clip.search import ImageIndex, build_index, search_index
-from llm2clip.search.cli import add_commands
 from llm2clip.search.index import CHUNK_DIR, IndexInterrupted, find_images
 from llm2clip.train.config import RunConfig
 from llm2clip.train.loop import fit
@@ -28,11 +27,6 @@ from llm2clip.train.loop import fit
 N_SCENES = 30
 
 
-def _cli(*argv) -> int:
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers())
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ long queries really are truncated."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import json
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stage2_helpers import search_cli as _cli
 from stage2_helpers import tiny_run_config
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
@@ -34,7 +34,6 @@ from llm2clip.errors import ConfigError
 from llm2clip.fileio import building_dir
 from llm2clip.model import LLM2CLIP
 from llm2clip.search import ImageIndex, add_to_index, build_index, search_index
-from llm2clip.search.cli import add_commands as search_commands
 from llm2clip.serve import ServeSettings, create_app
 from llm2clip.train.config import RunConfig
 from llm2clip.train.loop import fit
@@ -45,11 +44,6 @@ SHORT = "a small red circle in the top left corner on a plain navy background"
 LONG = " ".join(["a large blue square and a small red circle on a plain grey background"] * 12)
 
 
-def _cli(*argv) -> int:
-    parser = argparse.ArgumentParser()
-    search_commands(parser.add_subparsers())
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from stage2_helpers import (
     CrashAt,
     SimulatedCrash,
     assert_same_tensors,
+    bow_store,
     fit_worker,
     free_port,
     model_weights,
@@ -128,20 +129,11 @@ def test_fashion_mnist_source(tmp_path):
 
 
 def test_trains_from_a_feature_store_on_disk(tmp_path):
-    store_mod = pytest.importorskip("llm2clip.features.store")
-    from llm2clip.data.images import BagOfWordsConfig, BagOfWordsEncoder, caption_texts
-    from llm2clip.train.loop import build_source
-
     cfg = _cfg(tmp_path / "run", train__steps=2)
-    caps = {}
-    for src in (cfg.data.train, cfg.data.val):
-        caps.update(caption_texts(build_source(src)[0]))
-    enc = BagOfWordsEncoder(BagOfWordsConfig(dim=24))
-    store_mod.write_store(tmp_path / "store", list(caps), enc.encode(list(caps.values())).numpy(),
-                          identity=enc.identity())
+    store = bow_store(cfg, tmp_path / "store")
     cfg = _cfg(tmp_path / "run", train__steps=2, data__features={"store": str(tmp_path / "store")})
     assert fit(cfg, progress=False)["step"] == 2
-    assert LLM2CLIP.load(tmp_path / "run" / "model").text_identity == enc.identity()
+    assert LLM2CLIP.load(tmp_path / "run" / "model").text_identity == store.identity
 
 
 @pytest.mark.slow
@@ -285,17 +277,8 @@ def test_two_processes_log_the_runs_loss_and_bad_image_count(tmp_path):
 
 
 def test_truncated_captions_of_the_store_are_warned_about_and_recorded(tmp_path, caplog):
-    store_mod = pytest.importorskip("llm2clip.features.store")
-    from llm2clip.data.images import BagOfWordsConfig, BagOfWordsEncoder, caption_texts
-    from llm2clip.train.loop import build_source
-
     cfg = _cfg(tmp_path / "run", train__steps=1)
-    caps = {}
-    for src in (cfg.data.train, cfg.data.val):
-        caps.update(caption_texts(build_source(src)[0]))
-    enc = BagOfWordsEncoder(BagOfWordsConfig(dim=24))
-    store_mod.write_store(tmp_path / "store", list(caps), enc.encode(list(caps.values())).numpy(),
-                          identity=enc.identity())
+    bow_store(cfg, tmp_path / "store")
     mf = tmp_path / "store" / "manifest.json"
     mf.write_text(json.dumps({**json.loads(mf.read_text()), "truncated_captions": 5}))  # as newer stores record
     cfg = _cfg(tmp_path / "run", train__steps=1, data__features={"store": str(tmp_path / "store")})
