@@ -155,3 +155,30 @@ def test_config_paths_leave_urls_and_commands_as_written(tmp_path):
     src = WebDatasetSource(shards=[*urls, "f.tar"])
     src.resolve_paths(tmp_path)
     assert src.shards == [*urls, str(tmp_path / "f.tar")]
+
+
+def test_a_missing_package_or_a_bug_is_an_error_not_a_skipped_shard(monkeypatch, tmp_path):
+    """Only transport failures are retried and skipped: a missing extra is said once, naming it, and an error of
+    another kind (a bad storage option) propagates instead of quietly dropping every remote shard."""
+    import sys
+    from types import SimpleNamespace
+
+    from llm2clip.data.shards import source_fetcher
+    from llm2clip.extras import MissingExtraError
+
+    src = SimpleNamespace(retries=2, storage_options={}, timeout=5.0)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "aiohttp", None)  # as if not installed
+        with pytest.raises(MissingExtraError, match=r"llm2clip\[remote\]"):
+            source_fetcher(src, ["https://example.invalid/a.tar"])
+    fetcher = ShardFetcher(folder=tmp_path, retries=2)
+    calls = []
+
+    def bug(url, out):  # e.g. a storage option of the wrong type, deep in fsspec
+        calls.append(url)
+        raise TypeError("unexpected keyword argument")
+
+    monkeypatch.setattr(fetcher, "_copy", bug)
+    with pytest.raises(TypeError):
+        fetcher.local("memory://bad/a.tar")
+    assert calls == ["memory://bad/a.tar"] and fetcher.failed() == 0  # not retried, not skipped

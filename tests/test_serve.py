@@ -199,6 +199,12 @@ def _bad_requests(images: Path):
         ("embed: unknown field", "/v1/embed/text", {"json": {"texts": ["a"], "normalize": False}}, 422),
         ("embed image: not an image", "/v1/embed/image", img(b"GIF89a nonsense"), 400),
         ("embed image: no file", "/v1/embed/image", {"data": {"x": "1"}}, 422),
+        ("lone surrogate", "/v1/search", {"content": b'{"text": "a \\ud800 cat"}',
+                                          "headers": {"content-type": "application/json"}}, 422),
+        ("embed: lone surrogate", "/v1/embed/text", {"content": b'{"texts": ["ok", "a \\ud800 cat"]}',
+                                                     "headers": {"content-type": "application/json"}}, 422),
+        ("an EPS upload (Pillow would run Ghostscript)", "/v1/search",
+         img(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", "q.eps"), 400),
     ]
 
 
@@ -269,29 +275,33 @@ def test_concurrent_text_queries_share_forwards_and_give_single_query_results(lm
         assert np.allclose([h["score"] for h in a["hits"]], [h["score"] for h in b["hits"]], atol=1e-5)
 
 
-def test_a_bad_text_in_a_batch_fails_alone(lm, index_dir, monkeypatch):
+@pytest.mark.parametrize("error", ["InputError", "TypeError"])
+def test_a_bad_text_in_a_batch_fails_alone(lm, index_dir, monkeypatch, error):
     from llm2clip.errors import InputError
 
     enc = lm.caption_encoder
     plain = type(enc).tokenize
 
-    def tokenize(captions):  # stands for any text the encoder refuses (e.g. one of zero tokens)
+    def tokenize(captions):  # stands for any text the encoder refuses: ours, or a tokenizer's own error
         if any("POISON" in c for c in captions):
-            raise InputError("caption 0: encodes to zero tokens")
+            raise InputError("caption 0: encodes to zero tokens") if error == "InputError" else TypeError("bad")
         return plain(enc, captions)
 
     monkeypatch.setattr(enc, "tokenize", tokenize)
     app = create_app(lm, index_dir, ServeSettings(max_batch=32, batch_wait_ms=50))
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve") as c:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # a 500 as a response
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve") as c:
             return await asyncio.gather(c.post("/v1/search", json={"text": SHORT}),
                                         c.post("/v1/search", json={"text": "POISON"}),
                                         c.post("/v1/search", json={"text": LONG}))
 
     ok1, bad, ok2 = asyncio.run(go())
     assert ok1.status_code == ok2.status_code == 200 and ok2.json()["truncated"]
-    assert 400 <= bad.status_code < 500 and bad.json()["detail"]
+    assert bad.status_code >= 400  # a 4xx for a text we refuse; an unexpected error stays with its own request
+    if error == "InputError":
+        assert bad.status_code < 500 and bad.json()["detail"]
 
 
 def test_index_add_and_hot_reload(tmp_path, model_dir, lm):

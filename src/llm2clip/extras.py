@@ -28,6 +28,7 @@ EXTRA_OF = {
     "onnxscript": "export",
     "tensorboard": "logging",
     "aiohttp": "remote",
+    "fsspec": "remote",
     "wandb": None,  # optional beside TensorBoard, in no extra: a large install few need
 }
 

@@ -118,6 +118,17 @@ def _mtime(p: Path) -> float:
         return 0.0
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """What a failed fetch raises: OS and timeout errors (a command's exit status, a 404, a reset connection),
+    a stream cut short, and aiohttp's client errors where it is installed."""
+    errors: tuple[type[BaseException], ...] = (OSError, TimeoutError, EOFError)
+    try:
+        import aiohttp
+    except ImportError:
+        return errors
+    return (*errors, aiohttp.ClientError)
+
+
 class ShardFetcher:
     """Local copies of remote shards, fetched whole and sequentially into a spool folder.
 
@@ -155,9 +166,11 @@ class ShardFetcher:
         dest, mark = self.folder / f"{name}.tar", self.folder / f"{name}.failed"
         with open(self.folder / f"{name}.lock", "wb") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch per shard, however many workers ask
-            if dest.is_file():
+            try:
                 os.utime(dest)  # recently used: evicted last
                 return dest
+            except FileNotFoundError:  # not fetched yet, or evicted meanwhile by another worker
+                pass
             if mark.is_file():
                 return None
             for attempt in range(self.retries + 1):
@@ -167,7 +180,7 @@ class ShardFetcher:
                         self._copy(url, out)
                     os.replace(tmp, dest)
                     break
-                except Exception as err:  # any transport error: retried, then the shard skipped
+                except _transport_errors() as err:  # retried, then the shard skipped (other errors are bugs)
                     tmp.unlink(missing_ok=True)
                     if attempt == self.retries or isinstance(err, FileNotFoundError):  # a 404 stays one
                         log.warning("%s: skipped after %d failed %s (%s)", url, attempt + 1,
@@ -520,6 +533,13 @@ def source_fetcher(src, shards: Sequence, keep: int | None = None) -> ShardFetch
     """The fetcher of a ``webdataset`` source's remote shards, with its options (None: all local)."""
     if not any(is_url(s) for s in shards):
         return None
+    from ..extras import require
+
+    # missing packages are a setup error, said once here, not a transport failure to retry and skip per shard
+    if any(is_url(s) and not str(s).startswith("pipe:") for s in shards):
+        require("fsspec", "webdataset shards from URLs")
+    if any(str(s).startswith(("http://", "https://")) for s in shards):
+        require("aiohttp", "webdataset shards over http(s)")
     return ShardFetcher(keep=keep, retries=src.retries, storage_options=src.storage_options, timeout=src.timeout)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -58,6 +59,11 @@ class _Strict(BaseModel):
 def _non_empty(v: str | None) -> str | None:
     if v is not None and not v.strip():
         raise ValueError("empty text")
+    if v is not None:
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: JSON allows it, the tokenizer does not
+            raise ValueError("text is not valid Unicode (lone surrogate)") from None
     return v
 
 
@@ -79,8 +85,10 @@ class EmbedTextRequest(_Strict):
     @classmethod
     def _check(cls, v: list[str]) -> list[str]:
         for i, t in enumerate(v):
-            if not t.strip():
-                raise ValueError(f"text {i} is empty")
+            try:
+                _non_empty(t)
+            except ValueError as err:
+                raise ValueError(f"text {i}: {err}") from None
             if len(t) > MAX_TEXT_CHARS:
                 raise ValueError(f"text {i} is longer than {MAX_TEXT_CHARS} characters")
         return v
@@ -162,7 +170,7 @@ class SearchService:
                 try:
                     new = ImageIndex.open(self.path)
                     new.check_model(self.lm)
-                except Llm2ClipError as err:
+                except Exception as err:  # whatever is wrong with the new version, the old one keeps serving
                     self._refused_stamp = stamp
                     log.error("not switching to the new index version: %s", err)
                 else:
@@ -178,7 +186,7 @@ class SearchService:
         try:
             emb = self.lm.encode_text(texts, batch_size=len(texts))
             cut = query_truncated(self.lm, texts)
-        except Llm2ClipError:
+        except Exception:  # whatever one text raises stays with that text: the others are run alone
             if len(items) == 1:
                 raise
             return [self._one(self._text_batch, it) for it in items]
@@ -193,7 +201,7 @@ class SearchService:
     def _one(fn, item):
         try:
             return fn([item])[0]
-        except Llm2ClipError as err:
+        except Exception as err:
             return err
 
     def _image_query(self, data: bytes, k: int | None):
@@ -263,6 +271,9 @@ class SearchService:
         return buf.getvalue()
 
 
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
 def read_upload(data: bytes, max_pixels: int):
     """An uploaded image as RGB; its size is checked from the header before any pixel is decoded."""
     from PIL import Image
@@ -272,7 +283,8 @@ def read_upload(data: bytes, max_pixels: int):
     if not data:
         raise _Rejected(400, "the uploaded file is empty")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        # raster formats only: Pillow would hand an EPS upload to Ghostscript
+        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as im:
             w, h = im.size
     except Image.DecompressionBombError as err:
         raise _Rejected(413, f"image too large: {err}") from None
@@ -392,6 +404,13 @@ def create_app(lm, index_path: str | Path, settings: ServeSettings | None = None
     @app.exception_handler(_Rejected)
     async def rejected(request, err: _Rejected):
         return JSONResponse({"detail": str(err)}, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, err: RequestValidationError):
+        # where and what only: echoing the input back could not even be encoded for some inputs (lone surrogates)
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in err.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(Llm2ClipError)
     async def input_error(request, err: Llm2ClipError):
