@@ -243,6 +243,14 @@ def test_eval_text_zero_counts_are_refused(capsys, argv):
     assert e.value.code == 2 and f"argument {argv[0]}: " in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["--max-batch", "0"], ["--batch-wait-ms", "-1"], ["--threads", "0"],
+                                  ["--max-body-mb", "0"], ["--max-image-pixels", "0"], ["--port", "x"]])
+def test_serve_flags_out_of_range_are_refused(tmp_path, capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(tmp_path / "index"), *argv])
+    assert e.value.code == 2 and f"argument {argv[0]}: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("steps", ["0", "-5"])
 def test_train_steps_zero_or_negative_is_refused(tmp_path, capsys, steps):
     from stage2_helpers import tiny_run_config

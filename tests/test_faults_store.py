@@ -124,6 +124,21 @@ def test_each_file_is_hashed_once_per_process(two_stores, monkeypatch):
     assert len(calls) == 2 * n_files
 
 
+def test_training_with_workers_checks_the_store_once_before_they_fork(two_stores, tmp_path, monkeypatch):
+    """With DataLoader workers, every file is checked in the main process first: workers forked after it
+    inherit the checked files instead of each hashing the whole store again."""
+    from llm2clip.train.loop import fit
+
+    a, _, _ = two_stores
+    calls = []
+    real = store_mod.file_sha256
+    monkeypatch.setattr(store_mod, "file_sha256", lambda p: calls.append(p.name) or real(p))
+    cfg = run_cfg(tmp_path / "run", train__steps=2, data__features={"store": str(a)}, data__workers=1)
+    fit(cfg, progress=False)
+    n_files = len(FeatureStore.open(a).manifest["shards"]) + 2
+    assert sorted(calls) == sorted({*calls}) and len(calls) == n_files  # all of them, in this process, once
+
+
 def _strip_records(store_dir, names) -> dict:
     """Shards as an older llm2clip wrote them (no record after the array); the manifest updated to match."""
     m = json.loads((store_dir / "manifest.json").read_text())

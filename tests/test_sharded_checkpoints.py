@@ -56,6 +56,17 @@ def test_fsdp_checkpoints_are_sharded_and_resume_like_plain_ones(tmp_path):
     assert_same_tensors(model_weights(tmp_path / "plain"), load_file(str(tmp_path / "f-4/model.safetensors")))
     assert_same_tensors(load_file(str(tmp_path / "plain-4/model.safetensors")),
                         load_file(str(tmp_path / "f-4/model.safetensors")), atol=1e-6)
+    # a manifest naming a larger model than the weights: an error, not an export with random weights
+    import json
+
+    step2 = tmp_path / "f/checkpoints/step_00000002"
+    mf = json.loads((step2 / "llm2clip_model.json").read_text())
+    mf["config"]["vision"]["layers"] += 1
+    (step2 / "llm2clip_model.json").write_text(json.dumps(mf))
+    with pytest.raises(InputError, match="lacks"):
+        export_checkpoint_model(step2, tmp_path / "f-2")
+    mf["config"]["vision"]["layers"] -= 1
+    (step2 / "llm2clip_model.json").write_text(json.dumps(mf))
     # and a plain (ddp-strategy) run resumes a sharded checkpoint
     fit(run_cfg(tmp_path / "f", **OVER), resume=str(tmp_path / "f/checkpoints/step_00000002"), progress=False)
     assert_same_tensors(model_weights(tmp_path / "plain"), model_weights(tmp_path / "f"), atol=1e-6)

@@ -40,19 +40,20 @@ def _add_eval_text(sub) -> None:
     p.set_defaults(func=_run_eval_text)
 
 
-def at_least(low: int):
-    """An argparse type: an integer >= ``low`` (0 is a value to check, never a flag left out)."""
+def at_least(low: float, kind: type = int):
+    """An argparse type: a number of ``kind`` >= ``low`` (0 is a value to check, never a flag left out)."""
+    what = "an integer" if kind is int else "a number"
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            n = int(text)
+            n = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if n < low:
             raise argparse.ArgumentTypeError(f"{n} is below the least value {low}")
         return n
 
-    parse.__name__ = f"integer >= {low}"
+    parse.__name__ = f"{what.split()[-1]} >= {low}"
     return parse
 
 

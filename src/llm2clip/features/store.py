@@ -551,19 +551,29 @@ class FeatureStore:
         Files that pass are not checked again by reads in this process (nor in workers forked after)."""
         from tqdm.auto import tqdm
 
-        entries = [*self.manifest["shards"], *self.manifest["keys"].values()]
-        n_shards = len(self.manifest["shards"])
+        entries = self._files()
         bad = []
-        for i, entry in enumerate(tqdm(entries, desc="verify", unit="file",
-                                       disable=not progress if progress is not None else None)):
+        for entry, shard in tqdm(entries, desc="verify", unit="file",
+                                 disable=not progress if progress is not None else None):
             try:
-                self.check_file(entry, shard=i < n_shards, force=True)
+                self.check_file(entry, shard=shard, force=True)
             except StoreError as err:
                 bad.append(str(err))
         if bad:
             raise StoreError(f"{self.path}: {len(bad)} bad file(s):\n  " + "\n  ".join(bad))
         return {"files": len(entries), "rows": len(self), "ids": self.num_ids,
-                "bytes": sum(e["bytes"] for e in entries)}
+                "bytes": sum(e["bytes"] for e, _ in entries)}
+
+    def _files(self) -> list[tuple[dict, bool]]:
+        """(manifest entry, is a shard) of every file the store reads."""
+        return [(e, True) for e in self.manifest["shards"]] + [(e, False) for e in self.manifest["keys"].values()]
+
+    def check_all(self) -> None:
+        """Check every file now, once per process (as reads would): before DataLoader workers fork, so that
+        each of them does not hash the whole store again."""
+        if self.verify_reads:
+            for entry, shard in self._files():
+                self.check_file(entry, shard=shard)
 
     def disk_bytes(self) -> int:
         """Bytes of every file of the store, manifest included."""

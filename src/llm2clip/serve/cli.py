@@ -18,6 +18,8 @@ Needs the serve extra: pip install 'llm2clip[serve]'.
 
 
 def add_commands(sub) -> None:
+    from ..cli import at_least
+
     p = sub.add_parser("serve", help="serve an image index over HTTP: a search page and a JSON API",
                        description="Load INDEX and its model once and serve text and image search, embeddings "
                                    "and a search page (FastAPI, uvicorn).",
@@ -25,19 +27,20 @@ def add_commands(sub) -> None:
     p.add_argument("index", type=Path, metavar="INDEX")
     p.add_argument("--model", "-m", type=Path, help="the model folder (default: the one in the index manifest)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+    p.add_argument("--port", type=at_least(0), default=8000, help="port (default 8000)")
+    p.add_argument("--batch-wait-ms", type=at_least(0.0, float), default=5.0,
                    help="how long a text query waits for others to share a caption-encoder forward (default 5)")
-    p.add_argument("--max-batch", type=int, default=32, help="texts per forward at most; 1: no batching (32)")
+    p.add_argument("--max-batch", type=at_least(1), default=32, help="texts per forward at most; 1: no batching (32)")
     p.add_argument("--text-batching", default="padded", choices=["padded", "exact", "recorded"],
                    help="padded: a micro-batch is one forward (default); exact: one per distinct token count")
-    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MB (default 16)")
-    p.add_argument("--max-image-pixels", type=int, default=40_000_000,
+    p.add_argument("--max-body-mb", type=at_least(0.001, float), default=16.0,
+                   help="largest request body in MB (default 16)")
+    p.add_argument("--max-image-pixels", type=at_least(1), default=40_000_000,
                    help="largest uploaded image, width x height (default 40,000,000)")
     p.add_argument("--caption-encoder", help="caption-encoder spec overriding the model's record (e.g. smollm2)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"], help="weights' precision (fp32)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
+    p.add_argument("--threads", type=at_least(1), help="torch CPU threads (default: torch's choice, one per core)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run_serve)
 

@@ -117,7 +117,7 @@ def export_checkpoint_model(ckpt: str | Path, out: str | Path) -> Path:
     import json
 
     from ..model import LLM2CLIP, MODEL_MANIFEST, ModelConfig
-    from .fsdp import DCP_DIR, check_metadata, quiet_dcp
+    from .fsdp import DCP_DIR, quiet_dcp, require_weights
 
     ckpt = Path(ckpt)
     if not (ckpt / DCP_DIR).is_dir():
@@ -128,8 +128,8 @@ def export_checkpoint_model(ckpt: str | Path, out: str | Path) -> Path:
     mf = json.loads((ckpt / MODEL_MANIFEST).read_text())
     model = LLM2CLIP(ModelConfig.model_validate(mf["config"]), mf.get("text_dim"), mf.get("text_identity"),
                      load_pretrained=False, caption_encoder_config=mf.get("caption_encoder"))
-    check_metadata(ckpt / DCP_DIR)
     state = {"model": model.state_dict()}  # filled in place; the optimizer's entries are not read
+    require_weights(ckpt / DCP_DIR, state["model"])
     with quiet_dcp():
         dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR), planner=DefaultLoadPlanner(allow_partial_load=True),
                  no_dist=True)

@@ -125,17 +125,23 @@ def save_sharded(model, optimizer, folder: str | Path) -> None:
         dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(folder), no_dist=not dist.is_initialized())
 
 
+def require_weights(folder: str | Path, model_state) -> None:
+    """Every weight of ``model_state`` is in the DCP folder (a partial load would leave the rest at their
+    initial values without a word)."""
+    saved = check_metadata(folder).state_dict_metadata
+    missing = [k for k in model_state if f"model.{k}" not in saved]
+    if missing:
+        raise InputError(f"{folder}: the checkpoint lacks {len(missing)} weight(s) of this model, e.g. {missing[0]}")
+
+
 def load_sharded(model, optimizer, folder: str | Path) -> None:
     """Load a ``save_sharded`` folder, written by any number of ranks, into this (sharded or plain) model."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    saved = check_metadata(folder).state_dict_metadata
     state = _dcp_state(model, optimizer)  # the layout to fill: DCP reshards the saved chunks into it
-    missing = [k for k in state["model"] if f"model.{k}" not in saved]
-    if missing:
-        raise InputError(f"{folder}: the checkpoint lacks {len(missing)} weight(s) of this model, e.g. {missing[0]}")
+    require_weights(folder, state["model"])
     # a parameter that never had a gradient has no optimizer state in the checkpoint: keep its fresh one
     with quiet_dcp():
         dcp.load(state, checkpoint_id=str(folder), planner=DefaultLoadPlanner(allow_partial_load=True),

@@ -294,6 +294,8 @@ class Stage2Trainer:
                 model, device_ids=[di.device.index] if di.device.type == "cuda" else None)
         self.loss_fn = build_loss(cfg.model.loss, T.local_loss, T.gather_with_grad)
         feats = self.features if model.uses_adapter else None
+        if feats is not None and cfg.data.workers and hasattr(feats, "check_all"):
+            feats.check_all()  # here, once: the forked workers inherit the checked files instead of hashing them
         if self.streamed:
             from ..data.shards import stream_loader
 
