@@ -30,10 +30,34 @@ DEADLINE_S = 420  # per two-node run: a hung rendezvous or collective fails the 
 pytestmark = pytest.mark.slow
 
 
-def _env() -> dict:
+def _env(first_on_path: Path | None = None) -> dict:
     # one thread everywhere, so the compared runs reduce in the same order
+    path = [str(p) for p in (first_on_path, ROOT / "src", ROOT / "tests") if p is not None]
     return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]))
+                PYTHONPATH=os.pathsep.join(path))
+
+
+# Imported by every worker whose PYTHONPATH starts with its folder: on node rank 1 the newest checkpoint is
+# not listed yet, as a network filesystem's client shows a folder from its attribute cache for a while.
+STALE_VIEW = """\
+import os
+if os.environ.get("GROUP_RANK") == "1":
+    from llm2clip import checkpointing
+
+    def latest_checkpoint(root):
+        found = checkpointing.list_checkpoints(root)[:-1]
+        return found[-1] if found else None
+
+    checkpointing.latest_checkpoint = latest_checkpoint
+"""
+
+
+@pytest.fixture()
+def stale_view(tmp_path) -> Path:
+    d = tmp_path / "stale-view"
+    d.mkdir()
+    (d / "sitecustomize.py").write_text(STALE_VIEW)
+    return d
 
 
 def _descendants(pid: int) -> list[int]:
@@ -67,10 +91,11 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def two_nodes(args: list[str], logs: Path, timeout: float = DEADLINE_S, launchers: int = 2,
-              procs: list | None = None) -> list[str]:
+              procs: list | None = None, first_on_path: Path | None = None) -> list[str]:
     """Run ``args`` (torchrun's script part) on two one-process 'nodes' joined by a c10d rendezvous on
     127.0.0.1; asserts both launchers succeed and returns their logs. Both are killed (workers included)
-    on any way out. ``launchers=1`` leaves the second node out; ``procs`` receives the launchers."""
+    on any way out. ``launchers=1`` leaves the second node out; ``procs`` receives the launchers;
+    ``first_on_path`` goes first on the workers' PYTHONPATH (a sitecustomize there runs in each)."""
     port, rdzv_id = free_port(), f"multinode-{uuid.uuid4().hex[:8]}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", rdzv_id,
@@ -80,7 +105,7 @@ def two_nodes(args: list[str], logs: Path, timeout: float = DEADLINE_S, launcher
     try:
         for node in range(launchers):
             files.append(open(logs / f"launcher{node}.log", "w"))
-            procs.append(subprocess.Popen(cmd, env=_env(), stdout=files[-1], stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(cmd, env=_env(first_on_path), stdout=files[-1], stderr=subprocess.STDOUT))
         end = time.monotonic() + timeout
         for p in procs:
             p.wait(timeout=max(1.0, end - time.monotonic()))
@@ -139,7 +164,19 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_stage1_on_two_nodes_equals_one_process(tiny_llm_dir, tmp_path):
+def _kill_after_first_step_and_resume(args: list[str], run: Path, stale_view: Path, logs: Path) -> None:
+    """Make ``run`` (2 steps, a checkpoint each) what a run killed after step 1 leaves, then resume it on two
+    nodes whose node 1 does not list that checkpoint yet. Each rank choosing its own checkpoint, node 1
+    would start over while node 0 resumed: a diverged or hung run. Every rank must resume rank 0's choice."""
+    import shutil
+
+    for p in ("checkpoints/step_00000002", "encoder", "adapter", "summary.json", "model"):
+        p = run / p
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    two_nodes(args, logs, timeout=240, first_on_path=stale_view)
+
+
+def test_stage1_on_two_nodes_equals_one_process(tiny_llm_dir, tmp_path, stale_view):
     from llm2clip.finetune.config import FinetuneConfig
     from llm2clip.finetune.trainer import Stage1Trainer
 
@@ -174,6 +211,15 @@ def test_stage1_on_two_nodes_equals_one_process(tiny_llm_dir, tmp_path):
         torch.testing.assert_close(b[n], a[n], atol=1e-6, rtol=1e-4)
     assert (tmp_path / "two" / "encoder").is_dir() and (tmp_path / "two" / "summary.json").is_file()
 
+    _kill_after_first_step_and_resume(["-m", "llm2clip", "finetune-text", str(y)], tmp_path / "two", stale_view,
+                                      tmp_path / "logs-resumed")
+    b = _lora(tmp_path / "two")
+    worst = max(float((a[n] - b[n]).abs().max()) for n in a)
+    print(f"stage 1 LoRA, resumed on two nodes, max |two nodes - one process| = {worst:.3g}")
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], atol=1e-6, rtol=1e-4)
+    assert (tmp_path / "two" / "encoder").is_dir()
+
 
 # -------------------------------------------------------------------------------------------- embed
 def test_embed_on_two_nodes_writes_the_store_one_process_writes(tiny_llm_dir, tmp_path):
@@ -206,20 +252,28 @@ def test_embed_on_two_nodes_writes_the_store_one_process_writes(tiny_llm_dir, tm
 
 # ------------------------------------------------------------------------------------------ stage 2
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_stage2_on_two_nodes_trains_like_one_process(tmp_path, strategy):
+def test_stage2_on_two_nodes_trains_like_one_process(tmp_path, strategy, stale_view):
     from llm2clip.config import parse_config
     from llm2clip.train.config import RunConfig
     from llm2clip.train.loop import fit
 
-    over = dict(train__steps=2, train__eval_every=0, train__strategy=strategy, data__val=None)
+    over = dict(train__steps=2, train__eval_every=0, train__checkpoint_every=1, train__strategy=strategy,
+                data__val=None)
     fit(parse_config(tiny_run_config(tmp_path / "one", **over), RunConfig), progress=False)
     y = tmp_path / "two.yaml"
     y.write_text(yaml.safe_dump(tiny_run_config(tmp_path / "two", **over)))
-    two_nodes(["-m", "llm2clip", "train", str(y), "--no-progress"], tmp_path / "logs")
+    cli = ["-m", "llm2clip", "train", str(y), "--no-progress"]
+    two_nodes(cli, tmp_path / "logs")
     a, b = model_weights(tmp_path / "one"), model_weights(tmp_path / "two")
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"stage 2 ({strategy}) max |two nodes - one process| = {worst:.3g}")
     assert worst <= 1e-5  # the tolerance of the two-process tests (test_train, test_shards_fsdp)
-    for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"), strict=True):
-        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+    for x, z in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"), strict=True):
+        assert z["loss"] == pytest.approx(x["loss"], abs=1e-5)
+
+    _kill_after_first_step_and_resume(cli, tmp_path / "two", stale_view, tmp_path / "logs-resumed")
+    b = model_weights(tmp_path / "two")
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"stage 2 ({strategy}), resumed on two nodes, max |two nodes - one process| = {worst:.3g}")
+    assert worst <= 1e-5

@@ -65,6 +65,17 @@ def init_from_env(device: str | torch.device = "cpu", timeout: timedelta = DEFAU
     return True
 
 
+def from_rank0(obj):
+    """Rank 0's ``obj`` on every rank (a collective; ``obj`` itself without a group). For what ranks read
+    off a shared folder, such as the checkpoint to resume: on several nodes a network filesystem's client
+    may list a folder from its cache for a while, and ranks resuming different checkpoints hang or diverge."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if is_initialized():
         dist.barrier()

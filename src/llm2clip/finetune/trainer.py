@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpointing
 from ..data.captions import cupl_caption_set
+from ..distributed import from_rank0
 from ..errors import ConfigError
 from ..eval.cra import caption_retrieval_accuracy, paired_caption_retrieval
 from ..fileio import fsync_dir, read_json, write_json_atomic
@@ -325,7 +326,7 @@ class Stage1Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             write_json_atomic(self.out / "config.json", c.model_dump())
-        ck = self.latest_checkpoint() if resume else None
+        ck = from_rank0(self.latest_checkpoint() if resume else None)  # rank 0's view of the folder
         if ck:
             self.load_checkpoint(ck)
             log.info("resumed from %s (step %d)", ck.name, self.step)

@@ -263,7 +263,7 @@ class Stage2Trainer:
     def restore(self) -> None:
         """Continue from the checkpoint ``resume`` names; without one the run starts over, and the
         folder's earlier checkpoints and metrics are cleared (they belong to the run it replaces)."""
-        ckpt = resolve_resume(self.run_dir, self.resume)
+        ckpt = _dist.from_rank0(resolve_resume(self.run_dir, self.resume))  # rank 0's view of the folder
         if ckpt is None:
             if self.di.main:
                 n = clear_checkpoints(self.run_dir)
