@@ -383,3 +383,19 @@ def test_disk_full_in_index_keeps_the_finished_chunks_and_resumes(tmp_path, mode
     assert main(argv) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in done.items() if p.exists())
     assert (out / "manifest.json").is_file()
+
+
+def test_a_filesystem_without_flock_is_a_warning_not_a_holder(tmp_path, monkeypatch, caplog):
+    """flock failing for another reason than a holder (ENOSYS/ENOLCK on some network filesystems) leaves the
+    folder unlocked with a warning, instead of reporting a process that does not exist."""
+    import errno
+    import fcntl
+    import logging
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with caplog.at_level(logging.WARNING):
+        assert fileio.lock_folder(tmp_path / "out") is None
+    assert "cannot lock" in caplog.text and "No locks available" in caplog.text

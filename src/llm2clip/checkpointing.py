@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .distributed import from_rank0
 from .errors import ConfigError, InputError
 from .fileio import building_dir, fsync_dir, remove_temp_files, write_atomic
 
@@ -155,15 +156,6 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
-def _from_rank0(obj):
-    dist = _dist()
-    if dist is None:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def write_checkpoint(root: str | Path, step: int, state: dict, stage: str,
                      write_files: Callable[[Path], None] | None = None, keep: int | None = None,
                      write_shared: Callable[[Path], None] | None = None) -> Path:
@@ -197,10 +189,10 @@ def _write_collective(root, step, state, stage, write_files, keep, write_shared)
     dist = _dist()
     final = step_dir(root, step)
     if dist is not None and dist.get_rank() != 0:
-        kind, val = _from_rank0(None)
+        kind, val = from_rank0(None)
         if kind == "tmp":
             _all_ranks(write_shared, Path(val))
-            kind, val = _from_rank0(None)
+            kind, val = from_rank0(None)
         if kind == "err":
             raise OSError(f"checkpoint {final}: rank 0 could not write it ({val})")
         return final
@@ -208,7 +200,7 @@ def _write_collective(root, step, state, stage, write_files, keep, write_shared)
     told = []  # rank 0's messages so far: an error is told only where the other ranks wait for one
 
     def files(tmp: Path) -> None:
-        told.append(_from_rank0(("tmp", str(tmp))))
+        told.append(from_rank0(("tmp", str(tmp))))
         _all_ranks(write_shared, tmp)
         told.append("shared")
         if write_files is not None:
@@ -218,9 +210,9 @@ def _write_collective(root, step, state, stage, write_files, keep, write_shared)
         write_checkpoint(root, step, state, stage, files, keep)
     except BaseException as err:
         if len(told) != 1:  # not when the shared part failed: every rank raised there
-            _from_rank0(("err", f"{type(err).__name__}: {err}"))
+            from_rank0(("err", f"{type(err).__name__}: {err}"))
         raise
-    _from_rank0(("ok", None))
+    from_rank0(("ok", None))
     return final
 
 

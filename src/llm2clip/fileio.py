@@ -318,7 +318,11 @@ def lock_folder(folder: str | Path, what: str = "llm2clip") -> Path | None:
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no flock here (some network
+                os.close(fd)  # filesystems): not a holder to name
+                log.warning("%s: cannot lock %s (%s); no other process must write it meanwhile", lock, folder, err)
+                return None
             who = _holder(fd)
             os.close(fd)
             raise FolderInUseError(f"{Path(folder)}: in use by another {what} process ({who}); wait for it to "
