@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config import StrictModel, load_config
 from ..data.jsonl import is_manifest, read_jsonl, read_manifest, warn_old_shape
+from ..distributed import from_rank0
 from ..errors import InputError
 from ..jobs import Job
 from ..text.config import TextEncoderConfig
@@ -379,9 +380,9 @@ def run_embedding(config: EmbedConfig, *, encoder=None, progress: bool | None = 
     out = Path(config.out)
     layout = Layout(len(caps.texts), config.shard_size)
     job = _job_record(config, caps, identity, dim)
-    done = _prepare_out(out, job) if dist.rank == 0 else False
-    dist.barrier()
-    if done or (out / STORE_MANIFEST).is_file():
+    # rank 0's view decides (a node's network-filesystem cache may not show the manifest yet)
+    done = from_rank0(_prepare_out(out, job) if dist.rank == 0 else False)
+    if done:
         log.info("%s: already complete", out)
         return out
     if dist.rank != 0 and not (out / JOB_FILE).is_file():

@@ -315,7 +315,7 @@ class Stage1Trainer:
     def run(self, resume: bool = True) -> dict:
         c = self.cfg
         done, summary = self.out / "encoder" / ENCODER_MANIFEST, self.out / "summary.json"
-        if done.is_file() and summary.is_file():
+        if from_rank0(done.is_file() and summary.is_file()):  # one decision for every rank
             log.info("%s is finished already (%s exists); nothing to do", self.out, done)
             return read_json(summary)
         if done.is_file() and self.rank == 0:
