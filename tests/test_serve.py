@@ -154,6 +154,34 @@ def test_thumbnails_only_for_indexed_rows(client):
         assert r.status_code == code and r.json()["detail"], bad
 
 
+def test_thumbnails_are_decoded_a_few_at_a_time(client, monkeypatch):
+    """A page of results asks for many thumbnails at once; each decodes a full original, so at most
+    THUMB_DECODES run together (memory stays bounded), and all of them are served."""
+    import concurrent.futures
+    import threading
+    import time
+
+    from llm2clip.serve import app as app_mod
+
+    real, lock, now, most = app_mod.SearchService._thumbnail, threading.Lock(), [0], [0]
+
+    def slow(path, row, size):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        time.sleep(0.05)
+        try:
+            return real(path, row, size)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(app_mod.SearchService, "_thumbnail", staticmethod(slow))
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda r: client.get(f"/v1/thumb/{r % 4}?size={16 + r}").status_code, range(24)))
+    assert codes == [200] * 24 and 1 <= most[0] <= app_mod.THUMB_DECODES < 16  # (unbounded, 16 ran at once)
+
+
 def _header_only_png(w: int, h: int) -> bytes:
     """A PNG whose header claims w x h pixels: a decompression bomb's shape, without its size."""
     def chunk(kind: bytes, data: bytes) -> bytes:

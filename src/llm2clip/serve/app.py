@@ -148,6 +148,8 @@ class SearchService:
             raise ValueError("max_batch must be >= 1 and batch_wait_ms >= 0")
         self.index = ImageIndex.open(self.path)
         self.index.check_model(lm)  # an index of another model is refused here, naming both
+        # a results page asks for many thumbnails at once, each a full decode of its original: a few at a time
+        self._thumb_slots = threading.BoundedSemaphore(THUMB_DECODES)
         enc = lm.caption_encoder  # loaded now, not by the first query
         cfg = getattr(enc, "config", None)
         if self.settings.text_batching and cfg is not None and "batching" in type(cfg).model_fields:
@@ -251,14 +253,19 @@ class SearchService:
 
     # ---------------------------------------------------------------------------------- thumbnails
     def thumbnail(self, row: int, size: int) -> bytes:
-        from PIL import Image
-
-        from ..fileio import image_errors, open_image
-
         idx = self.current()
         if row >= len(idx):
             raise _Rejected(404, f"row {row}: not in the index ({len(idx)} images)")
         path = idx.images_dir / idx.files[row]  # only files the index holds are ever read
+        with self._thumb_slots:
+            return self._thumbnail(path, row, size)
+
+    @staticmethod
+    def _thumbnail(path: Path, row: int, size: int) -> bytes:
+        from PIL import Image
+
+        from ..fileio import image_errors, open_image
+
         try:
             im = open_image(path)
         except FileNotFoundError:
@@ -270,6 +277,8 @@ class SearchService:
         im.save(buf, "JPEG", quality=85)
         return buf.getvalue()
 
+
+THUMB_DECODES = 4  # thumbnails decoded at once
 
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
