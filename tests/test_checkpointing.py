@@ -124,3 +124,16 @@ def test_a_collective_checkpoint_is_one_folder_and_a_rank0_failure_ends_every_ra
     assert (tmp_path / "outcome1.txt").read_text().splitlines() == [
         "ok", f"checkpoint {tmp_path / 'step_00000002'}: rank 0 could not write it (OSError: disk full)", lost]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left
+
+
+def test_a_rank_that_cannot_see_rank0s_folder_says_the_filesystem_is_not_shared(tmp_path):
+    """On node-local disks the other ranks would write their checkpoint parts where rank 0 never sees them;
+    each rank first checks that rank 0's folder is visible to it."""
+    from llm2clip.checkpointing import _into_shared
+
+    wrote = []
+    with pytest.raises(OSError, match="filesystem every node shares"):
+        _into_shared(wrote.append, tmp_path / "made-by-rank-0-elsewhere")
+    assert wrote == []
+    _into_shared(wrote.append, tmp_path)
+    assert wrote == [tmp_path]

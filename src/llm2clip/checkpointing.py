@@ -191,7 +191,7 @@ def _write_collective(root, step, state, stage, write_files, keep, write_shared)
     if dist is not None and dist.get_rank() != 0:
         kind, val = from_rank0(None)
         if kind == "tmp":
-            _all_ranks(write_shared, Path(val))
+            _all_ranks(_into_shared, write_shared, Path(val))
             kind, val = from_rank0(None)
         if kind == "err":
             raise OSError(f"checkpoint {final}: rank 0 could not write it ({val})")
@@ -214,6 +214,15 @@ def _write_collective(root, step, state, stage, write_files, keep, write_shared)
         raise
     from_rank0(("ok", None))
     return final
+
+
+def _into_shared(write_shared, folder: Path) -> None:
+    """``write_shared(folder)`` on a rank other than 0: the folder rank 0 made must be visible here, else the
+    ranks do not share a filesystem (node-local disks) and the parts would land where rank 0 never sees them."""
+    if not folder.is_dir():
+        raise OSError(f"{folder} (made by rank 0) is not visible from this rank: sharded checkpoints need a "
+                      "run folder on a filesystem every node shares")
+    write_shared(folder)
 
 
 def _all_ranks(fn, *args) -> None:
