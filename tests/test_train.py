@@ -301,3 +301,13 @@ def test_a_resumed_run_logs_the_bad_image_count_of_the_whole_run(tmp_path):
     with pytest.raises(SimulatedCrash):
         fit(_cfg(tmp_path / "cut", **over), progress=False, callbacks=[CrashAt(2)])
     assert fit(_cfg(tmp_path / "cut", **over), progress=False)["skipped_images"] == full["skipped_images"] > 0
+
+
+def test_a_quiet_run_prints_nothing_and_keeps_its_evaluations(tmp_path, capsys):
+    """progress=False (the pipeline's stage-2 runs): no per-evaluation lines on the console (the quickstart
+    printed 42 of them); the evaluations are in metrics.jsonl."""
+    fit(_cfg(tmp_path / "run", train__steps=2, train__eval_every=1), progress=False)
+    out = capsys.readouterr()
+    assert "step 1:" not in out.out + out.err and "step 2:" not in out.out + out.err
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval" in r] == [1, 2]

@@ -371,7 +371,7 @@ class Stage2Trainer:
                                   indent=None)
             self.metrics.write({"step": self.step, "eval": ev})
             self.last = {**self.last, "eval": ev}
-            if di.main:
+            if di.main and self.progress is not False:  # a quiet run (the pipeline's) keeps them in metrics.jsonl
                 self.bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if "R@1" in k))
         barrier()
 
