@@ -239,3 +239,19 @@ def bow_store(cfg, path, dim: int = 24):
         caps.update(caption_texts(build_source(src)[0]))
     enc = BagOfWordsEncoder(BagOfWordsConfig(dim=dim))
     return write_store(path, list(caps), enc.encode(list(caps.values())).numpy(), identity=enc.identity())
+
+
+def another_model(model_dir, dest):
+    """A copy of the saved model at ``model_dir`` with other weights (its head's bias moved): another identity."""
+    import shutil
+
+    import torch
+
+    from llm2clip.model import LLM2CLIP
+
+    other = shutil.copytree(model_dir, dest)
+    m = LLM2CLIP.load(other)
+    with torch.no_grad():
+        m.head.bias.add_(0.1)
+    m.save(other)
+    return other

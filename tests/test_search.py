@@ -9,16 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from stage2_helpers import another_model, tiny_run_config
 from stage2_helpers import search_cli as _cli
-from stage2_helpers import tiny_run_config
 
 import llm2clip
 from llm2clip.config import parse_config
 from llm2clip.data.scenes import SceneSet
 from llm2clip.errors import ConfigError, InputError
 from llm2clip.fileio import JOB_RECORD
-from llm2clip.model import LLM2CLIP
 from llm2clip.search import ImageIndex, build_index, search_index
 from llm2clip.search.index import CHUNK_DIR, IndexInterrupted, find_images
 from llm2clip.train.config import RunConfig
@@ -205,11 +203,7 @@ def test_precision_option_and_its_old_name(flat_index, images, model_dir, capsys
 
 
 def test_another_model_is_refused(tmp_path, model_dir, flat_index, images):
-    other = shutil.copytree(model_dir, tmp_path / "other")
-    m = LLM2CLIP.load(other)
-    with torch.no_grad():
-        m.head.bias.add_(0.1)
-    m.save(other)
+    other = another_model(model_dir, tmp_path / "other")
     with pytest.raises(ConfigError, match="built with another model.*weights_sha256"):
         search_index(flat_index, "a red circle", model=other)
     out = tmp_path / "partial"  # resuming a build with it is refused too

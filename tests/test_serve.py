@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from stage2_helpers import another_model, tiny_run_config
 from stage2_helpers import search_cli as _cli
-from stage2_helpers import tiny_run_config
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
 pytest.importorskip("multipart", reason="the serve extra (python-multipart) is not installed")
@@ -32,7 +31,6 @@ from llm2clip.config import parse_config
 from llm2clip.data.scenes import SceneSet
 from llm2clip.errors import ConfigError
 from llm2clip.fileio import building_dir
-from llm2clip.model import LLM2CLIP
 from llm2clip.search import ImageIndex, add_to_index, build_index, search_index
 from llm2clip.serve import ServeSettings, create_app
 from llm2clip.train.config import RunConfig
@@ -246,11 +244,7 @@ def test_bad_input_is_a_4xx_with_a_message_and_the_server_lives_on(client, image
 
 
 def test_an_index_of_another_model_is_refused_at_start(tmp_path, model_dir, index_dir):
-    other = shutil.copytree(model_dir, tmp_path / "other")
-    m = LLM2CLIP.load(other)
-    with torch.no_grad():
-        m.head.bias.add_(0.1)
-    m.save(other)
+    other = another_model(model_dir, tmp_path / "other")
     with pytest.raises(ConfigError, match=r"built with another model: .*model \(weights sha256 [0-9a-f]{12}\); "
                                           r".*other \(weights sha256 [0-9a-f]{12}\) differs in weights_sha256"):
         create_app(llm2clip.load(other, device="cpu"), index_dir)
@@ -406,11 +400,7 @@ def test_readers_never_see_a_half_written_version(tmp_path, model_dir, lm):
 
 
 def test_index_add_refuses_another_model_and_bad_usage(tmp_path, model_dir, index_dir, images):
-    other = shutil.copytree(model_dir, tmp_path / "other")
-    m = LLM2CLIP.load(other)
-    with torch.no_grad():
-        m.head.bias.add_(0.1)
-    m.save(other)
+    other = another_model(model_dir, tmp_path / "other")
     with pytest.raises(ConfigError, match="built with another model"):
         add_to_index(index_dir, images, other)
     from llm2clip.errors import InputError
