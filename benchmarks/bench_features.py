@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tarfile
 import tempfile
 import time
@@ -29,16 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_common import log
 
 from llm2clip.data.captions import cupl_caption_set
 from llm2clip.features import FeatureStore, write_store
 from llm2clip.features import store as store_mod
 from llm2clip.features.extract import EmbedConfig, run_embedding
 from llm2clip.text import CaptionEncoder, LLMEncoderConfig
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 def median_time(fn, repeats: int) -> float:

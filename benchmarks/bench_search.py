@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,19 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_common import log, uptime
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "uptime unavailable"
 
 
 def timed(fn) -> tuple[float, object]:
