@@ -58,14 +58,15 @@ def is_csv(path: Path) -> bool:
 
 def is_manifest(path: str | Path) -> bool:
     """Whether a caption file holds manifest rows: a CSV whose header names image and caption_id, or a JSONL
-    whose first record has 'image' or 'captions' (a bad row is then reported by the manifest reader)."""
+    whose first record has 'image', or 'captions' without 'group' (a stage-1 group file has both); a bad row is
+    then reported by the manifest reader."""
     path = Path(path)
     if is_csv(path):
         with open(path, encoding="utf-8", newline="") as f:
             header = next(csv.reader(f), [])
         return {"image", "caption_id"} <= set(header)
     for _, rec in read_jsonl(path):
-        return "image" in rec or "captions" in rec
+        return "image" in rec or ("captions" in rec and "group" not in rec)
     return False
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.captions import cupl_caption_set
-from ..data.jsonl import is_csv, is_manifest, read_jsonl, read_manifest
+from ..data.jsonl import is_manifest, read_jsonl, read_manifest
 from ..errors import InputError
 
 
@@ -60,12 +60,6 @@ def _manifest_groups(path: Path) -> GroupedCaptions:
     return GroupedCaptions(groups)
 
 
-def _is_image_manifest(path: Path) -> bool:
-    if is_csv(path):
-        return is_manifest(path)
-    return next((("image" in rec) for _, rec in read_jsonl(path)), False)
-
-
 def load_groups_jsonl(path: str | Path) -> GroupedCaptions:
     """Caption groups from an image manifest (the captions of one image form a group; see
     llm2clip.data.jsonl.read_manifest), or JSONL of {"group": id, "captions": [...], "kinds": [...]} (kinds
@@ -73,7 +67,7 @@ def load_groups_jsonl(path: str | Path) -> GroupedCaptions:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: caption-group file not found")
-    if _is_image_manifest(path):
+    if is_manifest(path):
         return _manifest_groups(path)
     out, seen = [], set()
     for ln, rec in read_jsonl(path):
