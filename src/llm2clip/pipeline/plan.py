@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -14,6 +16,42 @@ from .config import ClipTeacher, LLMTeacher, PipelineConfig, variant_run
 from .runner import Runner, Stage, sigterm_stops
 
 PRESETS = ("quickstart", "smoke")
+
+# Stage keys hold the settings that differ from their defaults, so that a field added by a newer version (at a
+# default that keeps the old behaviour) does not make a rerun redo finished stages. A changed default is not seen
+# by the keys: tests/test_pipeline_keys.py snapshots every default and fails until KEY_VERSION is bumped (when the
+# change alters a stage's output) and the snapshot rewritten.
+KEY_VERSION = 2
+_FOR_KEYS = contextvars.ContextVar("llm2clip_stage_keys", default=False)
+
+
+def _dump(model) -> dict:
+    """A config as it enters a stage: every field for its arguments; for its key, the fields that differ from
+    their defaults, plus every ``kind`` (a union member's tag: two kinds at their defaults must not look alike)."""
+    full = model.model_dump(mode="json")
+    if not _FOR_KEYS.get():
+        return full
+    return _with_kinds(model.model_dump(mode="json", exclude_defaults=True), full)
+
+
+def _with_kinds(short, full):
+    if isinstance(short, dict) and isinstance(full, dict):
+        out = {k: _with_kinds(v, full.get(k)) for k, v in short.items()}
+        if "kind" in full:
+            out.setdefault("kind", full["kind"])
+        return out
+    if isinstance(short, list) and isinstance(full, list) and len(short) == len(full):
+        return [_with_kinds(a, b) for a, b in zip(short, full)]
+    return short
+
+
+@contextmanager
+def _keys_only():
+    token = _FOR_KEYS.set(True)
+    try:
+        yield
+    finally:
+        _FOR_KEYS.reset(token)
 
 # Priors for the time-left display (seconds on a quiet 2-core machine); rescaled as stages finish.
 _EST_CAPTION_S = {"llm": 0.02, "sentence": 0.003, "random": 0.0001}
@@ -36,7 +74,7 @@ def load_pipeline_config(path_or_preset: str | Path) -> PipelineConfig:
 
 
 def _llm_cfg(cfg: PipelineConfig, name: str, run_dir: Path) -> dict:
-    base = cfg.teacher_llm(name).model_dump(mode="json")
+    base = _dump(cfg.teacher_llm(name))
     if cfg.teachers[name].finetuned:
         base["model"] = str((run_dir / "stage1" / name / "encoder").absolute())
         base["adapters"] = []
@@ -44,8 +82,20 @@ def _llm_cfg(cfg: PipelineConfig, name: str, run_dir: Path) -> dict:
 
 
 def build_stages(cfg: PipelineConfig) -> list[Stage]:
+    """The run's stages in order. Each stage's key holds its non-default settings (and KEY_VERSION); its
+    ``legacy_key``, every setting, as runs made before KEY_VERSION 2 recorded it (such a run is adopted)."""
+    stages = _build_stages(cfg)
+    with _keys_only():
+        keyed = _build_stages(cfg)
+    for st, k in zip(stages, keyed, strict=True):
+        assert st.name == k.name
+        st.legacy_key, st.key = st.key, {"key_version": KEY_VERSION, **k.key}
+    return stages
+
+
+def _build_stages(cfg: PipelineConfig) -> list[Stage]:
     run_dir = Path(cfg.run_dir)
-    sc = cfg.scenes.model_dump()
+    sc = _dump(cfg.scenes)
     try:
         fm_teachers = cfg.fashion_mnist_teachers()
     except ValueError as err:
@@ -67,13 +117,13 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
         st1 = cfg.stage1
         ft = {
             "objective": "contrastive",
-            "encoder": cfg.teacher_llm(name).model_dump(mode="json"),
+            "encoder": _dump(cfg.teacher_llm(name)),
             "out": str(run_dir / "stage1" / name),
-            "lora": st1.lora.model_dump(mode="json"),
+            "lora": _dump(st1.lora),
             "data": {"cupl_train": True, "cupl_per_class": st1.cupl_per_class,
                      "groups": [str((run_dir / "data" / "stage1_groups.jsonl").absolute())] if st1.scenes else []},
-            "contrastive": st1.contrastive.model_dump(mode="json"),
-            "optim": st1.optim.model_dump(mode="json"),
+            "contrastive": _dump(st1.contrastive),
+            "optim": _dump(st1.optim),
             "eval": {"every": 0, "final": False},  # the eval stage scores every teacher on the held-out sets
             "save_every": max(1, st1.optim.steps // 4),
             "log_every": 1,
@@ -91,8 +141,8 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
             enc = _llm_cfg(cfg, name, run_dir)
             kind, deps = "llm", (["data", f"stage1/{name}"] if t.finetuned else ["data"])
         else:
-            enc = t.encoder.model_dump(mode="json")
-            kind, deps = enc["kind"], ["data"]
+            enc = _dump(t.encoder)
+            kind, deps = t.encoder.kind, ["data"]
         # format jsonl: a flat caption file (the Fashion-MNIST class captions have no image), read without the
         # deprecation notice meant for hand-written ones
         captions = {"path": str((run_dir / "data" / "captions.jsonl").absolute()), "format": "jsonl"}
@@ -136,12 +186,12 @@ def _train_stage(cfg: PipelineConfig, name: str, teacher: str, data: dict, steps
     run_dir = Path(cfg.run_dir)
     t = cfg.teachers[teacher]
     rc = {"run_dir": str(run_dir / "train" / name), "seed": cfg.seed if seed is None else seed,
-          "model": cfg.stage2.model.model_dump(mode="json"),
-          "data": data, "optim": cfg.stage2.optim.model_dump(mode="json"),
-          "train": {**cfg.stage2.train.model_dump(mode="json"), "steps": steps,
+          "model": _dump(cfg.stage2.model),
+          "data": data, "optim": _dump(cfg.stage2.optim),
+          "train": {**_dump(cfg.stage2.train), "steps": steps,
                     "threads": 1 if workers > 1 else (cfg.stage2.train.threads or cfg.threads)}}
     if isinstance(t, ClipTeacher):
-        rc["model"]["text"] = t.text.model_dump(mode="json")
+        rc["model"]["text"] = _dump(t.text)
         deps = ["data"]
     else:
         if not isinstance(cfg.stage2.model.text, AdapterConfig):
@@ -161,10 +211,10 @@ def _eval_stage(cfg: PipelineConfig, stage_names: list[str]) -> Stage:
             v = next(v for v in cfg.variants if v.teacher == name)
             teachers[name] = {"kind": "clip", "model": str(run_dir / "train" / variant_run(v.name, 0) / "model")}
         else:
-            enc = _llm_cfg(cfg, name, run_dir) if isinstance(t, LLMTeacher) else t.encoder.model_dump(mode="json")
+            enc = _llm_cfg(cfg, name, run_dir) if isinstance(t, LLMTeacher) else _dump(t.encoder)
             teachers[name] = {"kind": "store", "store": str(run_dir / "embed" / name), "encoder": enc}
     cupl = {"classes": cfg.eval.cupl_classes, "per_class": cfg.eval.cupl_per_class}
-    sc = cfg.scenes.model_dump()
+    sc = _dump(cfg.scenes)
     deps = [s for s in stage_names if s.startswith(("train/", "embed/")) and not s.startswith("train/fmnist-")]
     key = {"teachers": teachers, "cupl": cupl, "ks": cfg.eval.ks, "scenes": sc}
     variants = {v.name: [variant_run(v.name, k) for k in range(cfg.stage2.seeds)] for v in cfg.variants}

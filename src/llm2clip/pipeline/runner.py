@@ -56,6 +56,7 @@ class Stage:
     pooled: bool = False  # may run beside other pooled stages, each in its own process
     progress: Callable[[], tuple[int, int]] | None = None  # (done, total) units of a running pooled stage
     clear: bool = True  # remove its folder when its key changed
+    legacy_key: dict | None = None  # the key as an earlier key format wrote it: a stage done under it is adopted
 
 
 class Runner:
@@ -78,20 +79,39 @@ class Runner:
         if config is not None:
             self.manifest["config"] = config
         self.keys: dict[str, str] = {}
-        # paths inside the run folder enter the keys relative to it, so a moved run folder stays valid
-        here = [str(self.run_dir.absolute()), str(self.run_dir)]
+        self.legacy_keys: dict[str, str] = {}
         for st in stages:
             missing = [d for d in st.deps if d not in self.keys]
             if missing:
                 raise ValueError(f"stage {st.name} depends on {missing}, which come later or not at all")
-            key = json.dumps(st.key, sort_keys=True, default=str)
-            for h in here:
-                key = key.replace(h, "$RUN")
-            self.keys[st.name] = stable_hash({"key": key, "deps": {d: self.keys[d] for d in st.deps}})
+            self.keys[st.name] = self._hash(st.key, {d: self.keys[d] for d in st.deps})
+            if st.legacy_key is not None:
+                self.legacy_keys[st.name] = self._hash(st.legacy_key, {d: self.legacy_keys.get(d) for d in st.deps})
         self.t0 = time.perf_counter()
         self.spent_est = 0.0  # estimates of the stages run so far (for the rescaling)
         self.spent_real = 0.0
         self._lock = threading.Lock()
+        self._adopt_legacy()
+
+    def _hash(self, key: dict, deps: dict) -> str:
+        # paths inside the run folder enter the keys relative to it, so a moved run folder stays valid
+        text = json.dumps(key, sort_keys=True, default=str)
+        for h in (str(self.run_dir.absolute()), str(self.run_dir)):
+            text = text.replace(h, "$RUN")
+        return stable_hash({"key": text, "deps": deps})
+
+    def _adopt_legacy(self) -> None:
+        """A stage finished under its legacy key (an earlier key format, same settings) takes today's key: an
+        upgrade that changes how keys are written does not redo finished work."""
+        adopted = []
+        for st in self.stages:
+            rec = self.record(st.name)
+            legacy = self.legacy_keys.get(st.name)
+            if rec and rec.get("status") == "done" and legacy and rec.get("key") == legacy:
+                rec.update(key=self.keys[st.name], inputs=st.key)
+                adopted.append(st.name)
+        if adopted:
+            self._save()
 
     def _read_manifest(self) -> dict:
         # written atomically: only an outside hand truncates it

@@ -1,0 +1,128 @@
+"""Stage keys of `llm2clip run` hold only the settings that differ from their defaults (pipeline/plan.py), so a
+changed default is invisible to them: the snapshot below fails until the change is looked at. If it alters what a
+stage makes, bump plan.KEY_VERSION; then rewrite the snapshot: `python tests/test_pipeline_keys.py --write`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import typing
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from llm2clip.features.extract import EmbedConfig
+from llm2clip.finetune.config import FinetuneConfig
+from llm2clip.pipeline import plan
+from llm2clip.pipeline.config import PipelineConfig
+from llm2clip.pipeline.runner import Runner
+from llm2clip.train.config import RunConfig
+
+SNAPSHOT = Path(__file__).parent / "data" / "pipeline_defaults.json"
+ROOTS = (PipelineConfig, FinetuneConfig, EmbedConfig, RunConfig)  # the run's config and what its stages validate
+
+
+def _models(tp, seen: dict) -> None:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        name = f"{tp.__module__}.{tp.__qualname__}"
+        if name in seen:
+            return
+        seen[name] = tp
+        for f in tp.model_fields.values():
+            _models(f.annotation, seen)
+        return
+    for arg in typing.get_args(tp):
+        _models(arg, seen)
+
+
+def _default(field):
+    if field.is_required():
+        return "<required>"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return json.loads(json.dumps(value, default=str))
+
+
+def defaults() -> dict:
+    seen: dict = {}
+    for root in ROOTS:
+        _models(root, seen)
+    return {name: {k: _default(f) for k, f in sorted(tp.model_fields.items())} for name, tp in sorted(seen.items())}
+
+
+def test_defaults_unchanged():
+    recorded = json.loads(SNAPSHOT.read_text())
+    now = defaults()
+    changed = sorted(f"{m}.{k}: {recorded[m][k]!r} -> {now[m][k]!r}" for m in now.keys() & recorded.keys()
+                     for k in now[m].keys() & recorded[m].keys() if now[m][k] != recorded[m][k])
+    assert not changed, ("defaults changed; stage keys do not see them (" + "; ".join(changed) + "). If a stage's "
+                         "output changes, bump KEY_VERSION in llm2clip/pipeline/plan.py; then rewrite the snapshot: "
+                         "python tests/test_pipeline_keys.py --write")
+    added = sorted({*(f"{m}.{k}" for m in now for k in now[m] if k not in recorded.get(m, {}))})
+    assert not added, (f"new settings {added}: their defaults must keep what stages made before (else bump "
+                       "KEY_VERSION); then rewrite the snapshot: python tests/test_pipeline_keys.py --write")
+
+
+def _keys(cfg: PipelineConfig, run_dir: Path) -> dict[str, str]:
+    r = Runner.__new__(Runner)
+    r.run_dir = run_dir
+    keys: dict[str, str] = {}
+    for st in plan.build_stages(cfg):
+        keys[st.name] = r._hash(st.key, {d: keys[d] for d in st.deps})
+    return keys
+
+
+def test_keys_ignore_defaults_but_not_settings(tmp_path):
+    cfg = plan.load_pipeline_config("smoke")
+    base = _keys(cfg, tmp_path)
+    # a setting spelled out at its default (as a field a newer version adds at its default): the same keys
+    d = cfg.model_dump(mode="json", exclude_unset=True)
+    d["stage2"].setdefault("train", {})["tf32"] = RunConfig.model_fields["train"].default_factory().tf32
+    assert _keys(PipelineConfig.model_validate(d), tmp_path) == base
+    # a real change: that stage and what depends on it get new keys, nothing else
+    other = cfg.model_copy(deep=True)
+    other.stage2.optim.lr = cfg.stage2.optim.lr * 2
+    changed = {k for k, v in _keys(other, tmp_path).items() if v != base[k]}
+    assert changed and all(k.startswith("train/") or k == "eval" for k in changed), changed
+
+
+def test_union_kinds_stay_apart():
+    from llm2clip.pipeline.config import EncoderTeacher
+
+    sentence = EncoderTeacher.model_validate({"encoder": {"kind": "sentence"}})
+    random = EncoderTeacher.model_validate({"encoder": {"kind": "random"}})
+    with plan._keys_only():
+        assert plan._dump(sentence.encoder) == {"kind": "sentence"}
+        assert plan._dump(random.encoder) == {"kind": "random"}
+
+
+def test_run_made_before_key_version_2_is_adopted(tmp_path):
+    """A finished stage recorded under the full-settings key of earlier versions is not redone."""
+    from llm2clip.pipeline.runner import Stage
+
+    calls = []
+    stages = [Stage("a", {"x": 1}, calls.append, ("a",), legacy_key={"x": 1, "y": 0}),
+              Stage("b", {"z": 2}, calls.append, ("b",), deps=["a"], legacy_key={"z": 2, "w": 0})]
+    old = Runner.__new__(Runner)
+    old.run_dir = tmp_path
+    ka = old._hash({"x": 1, "y": 0}, {})
+    kb = old._hash({"z": 2, "w": 0}, {"a": ka})
+    (tmp_path / "manifest.json").write_text(json.dumps({"stages": {
+        "a": {"key": ka, "status": "done", "result": {}}, "b": {"key": kb, "status": "done", "result": {}}}}))
+    r = Runner(tmp_path, stages)
+    assert all(r.is_done(s) for s in stages)
+    r.run()
+    assert calls == []
+    # a legacy record whose settings differ is redone, and so is what depends on it
+    stages2 = [Stage("a", {"x": 5}, calls.append, ("a",), legacy_key={"x": 5, "y": 0}),
+               Stage("b", {"z": 2}, calls.append, ("b",), deps=["a"], legacy_key={"z": 2, "w": 0})]
+    (tmp_path / "manifest.json").write_text(json.dumps({"stages": {
+        "a": {"key": ka, "status": "done", "result": {}}, "b": {"key": kb, "status": "done", "result": {}}}}))
+    Runner(tmp_path, stages2).run()
+    assert calls == ["a", "b"]
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
+    SNAPSHOT.write_text(json.dumps(defaults(), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {SNAPSHOT}")
