@@ -10,6 +10,7 @@ AdamW and the scheduler, as ``llm2clip quickstart`` builds them (``pipeline/plan
     python benchmarks/bench_stage2_levers.py quality  # held-out dense R@1 of whole runs (slow: one run at a time)
     python benchmarks/bench_stage2_levers.py clip-text  # the CLIP text tower: open_clip's forward vs length buckets
     python benchmarks/bench_stage2_levers.py data       # a batch's samples one by one vs the batched text lookup
+    python benchmarks/bench_stage2_levers.py overhead   # the model step: eager vs torch.compile vs vmapped ensemble
 
 ``shapes`` builds every case in one process (1 thread), then runs rounds; each round times every case
 in turn (a few warm-up steps, then a fixed number of timed steps) and the table gives the median
@@ -63,7 +64,7 @@ SHAPES = {
     "today's tower, bf16 autocast": {"precision": "bf16"},
 }
 
-# name -> (vision overrides, steps, lr, warmup) for the quality runs
+# name -> (vision overrides, steps, lr, warmup[, train overrides]) for the quality runs
 SETTINGS = {
     "today (p4, 350 steps, lr 1e-3, warmup 30)": ({}, 350, 1e-3, 30),
     "p8, 350 steps, lr 1e-3, warmup 30": ({"patch_size": 8}, 350, 1e-3, 30),
@@ -72,12 +73,14 @@ SETTINGS = {
     "p8 w96, 350 steps, lr 1e-3, warmup 30": ({"patch_size": 8, "width": 96}, 350, 1e-3, 30),
     "p8, 250 steps, lr 1e-3, warmup 20": ({"patch_size": 8}, 250, 1e-3, 20),
     "p4 w96, 350 steps, lr 1e-3, warmup 30": ({"width": 96}, 350, 1e-3, 30),
+    "p8 w96, batch 32, 350 steps, lr 1e-3, warmup 30": ({"patch_size": 8, "width": 96}, 350, 1e-3, 30,
+                                                        {"batch_size": 32}),
 }
 
 
 def run_config(store: Path | None, vision: dict | None = None, *, clip: bool = False, steps: int | None = None,
                lr: float | None = None, warmup: int | None = None, seed: int = 0, threads: int = 1,
-               run_dir: str = "") -> dict:
+               run_dir: str = "", train: dict | None = None) -> dict:
     d = copy.deepcopy(BASE)
     d["run_dir"], d["seed"] = run_dir, seed
     vision = dict(vision or {})
@@ -97,6 +100,7 @@ def run_config(store: Path | None, vision: dict | None = None, *, clip: bool = F
     if warmup is not None:
         d["optim"]["warmup_steps"] = warmup
     d["train"]["threads"] = threads
+    d["train"].update(train or {})
     return d
 
 
@@ -388,6 +392,83 @@ def cmd_profile(args) -> None:
         print(f"| {k} | {1e3 * a:.1f} | {1e3 * b:.1f} |")
 
 
+# ----------------------------------------------------------------------------------------- overhead
+def cmd_overhead(args) -> None:
+    """The preset's model (tower patch 8 / width 96, 576-d adapter) forward + CLIP loss + backward, 1 thread,
+    batch 64: eager, torch.compile (inductor), and N models stacked and vmapped (torch.func) as one ensemble,
+    the shape of "train every variant of a seed in one process". The model step is about 85 % of a quickstart
+    adapter step; the data, AdamW and the scheduler are left out of every case alike."""
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from llm2clip.model import LLM2CLIP, ModelConfig
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model_cfg = copy.deepcopy(BASE["model"])
+    model_cfg["vision"].update(patch_size=8, width=96)
+    cfg = ModelConfig.model_validate(model_cfg)
+    B, N = BASE["train"]["batch_size"], args.models
+    models = [LLM2CLIP(cfg, text_dim=576) for _ in range(N)]
+    images, texts = torch.randn(N, B, 3, 32, 32), torch.randn(N, B, 576)
+    labels = torch.arange(B)
+
+    def loss(img, txt, scale):
+        logits = scale.exp() * img @ txt.T
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+    def eager_one(m, x, y):
+        i, t = m(x, y)
+        return loss(i, t, m.logit_scale)
+
+    def eager():  # N separate models, one after another
+        for k, m in enumerate(models):
+            eager_one(m, images[k], texts[k]).backward()
+
+    compiled_one = torch.compile(eager_one)
+
+    def compiled():
+        for k, m in enumerate(models):
+            compiled_one(m, images[k], texts[k]).backward()
+
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def one(p, b, x, y):
+        i, t = functional_call(base, (p, b), (x, y))
+        return loss(i, t, p["logit_scale"])
+
+    def ensemble():
+        vmap(one)(params, buffers, images, texts).sum().backward()
+
+    t0 = time.perf_counter()
+    compiled()
+    compile_s = time.perf_counter() - t0
+    cases = {"eager, one model after another": eager, "torch.compile (inductor)": compiled,
+             f"vmapped ensemble of {N}": ensemble}
+    for fn in cases.values():
+        fn()
+    per: dict[str, list[float]] = {k: [] for k in cases}
+    loads = []
+    for _ in range(args.rounds):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            per[name].append(N * B * args.steps / (time.perf_counter() - t))
+        loads.append(load1())
+    first = next(iter(per))
+    print(f"\n{N} models x batch {B}, 1 thread, {args.rounds} interleaved rounds of {args.steps} steps; "
+          f"torch.compile's first call {compile_s:.0f} s; 1-min load average per round: "
+          + ", ".join(f"{x:.2f}" for x in loads) + "\n")
+    print("| case | images/s (median) | each round | vs eager (median of per-round ratios) |")
+    print("|---|---:|---|---:|")
+    for name, xs in per.items():
+        ratio = statistics.median(a / b for a, b in zip(xs, per[first]))
+        print(f"| {name} | {statistics.median(xs):.0f} | {', '.join(f'{x:.0f}' for x in xs)} | {ratio:.2f}x |")
+
+
 # ------------------------------------------------------------------------------------------ quality
 def cmd_quality(args) -> None:
     """Whole runs through loop.fit, one at a time; held-out dense R@1 (mean of i2t and t2i) per seed."""
@@ -398,11 +479,11 @@ def cmd_quality(args) -> None:
     out_dir = Path(args.out_dir)
     rows = []
     for name in names:
-        vision, steps, lr, warmup = SETTINGS[name]
+        vision, steps, lr, warmup, *train = SETTINGS[name]
         for seed in args.seeds:
             tag = "".join(c if c.isalnum() else "-" for c in name)[:60].strip("-") + f"-s{seed}"
             cfg = run_config(args.store, vision, steps=steps, lr=lr, warmup=warmup, seed=seed,
-                             run_dir=str(out_dir / tag))
+                             run_dir=str(out_dir / tag), train=train[0] if train else None)
             l0, t0 = load1(), time.perf_counter()
             res = fit(RunConfig.model_validate(cfg), resume=False, progress=False)
             sec = time.perf_counter() - t0
@@ -454,13 +535,18 @@ def main(argv=None) -> int:
     p = sub.add_parser("data", help="a step's samples one by one against the batched text lookup")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batches", type=int, default=40)
+    p = sub.add_parser("overhead", help="the model step: eager, torch.compile, a vmapped ensemble of N models")
+    p.add_argument("--models", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=4, help="timed steps (of all N models) per case per round")
     p = sub.add_parser("_child")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--go", type=Path)
     p.add_argument("--seconds", type=float, default=20.0)
     args = ap.parse_args(argv)
     {"shapes": cmd_shapes, "threads": cmd_threads, "profile": cmd_profile, "quality": cmd_quality,
-     "clip-text": cmd_clip_text, "data": cmd_data, "_child": cmd_child}[args.cmd](args)
+     "clip-text": cmd_clip_text, "data": cmd_data, "overhead": cmd_overhead,
+     "_child": cmd_child}[args.cmd](args)
     return 0
 
 
