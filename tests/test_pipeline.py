@@ -155,6 +155,27 @@ def test_parallel_workers_give_the_same_results(tmp_path, smoke_run):
     assert strip(res["rows"]) == strip(one["rows"])
 
 
+def test_no_model_loading_bars_under_the_run_line(capfd):
+    """transformers draws a "Loading weights" bar per model; a run turns them off under its own progress line."""
+    from transformers.utils import logging as hf_logging
+
+    from llm2clip.pipeline.plan import no_loading_bars
+    from llm2clip.text import build_text_encoder
+    from llm2clip.text.config import LLMEncoderConfig
+
+    cfg = LLMEncoderConfig(model="tiny-random-llama")
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as in a plain shell (HF_HUB_DISABLE_PROGRESS_BARS unset)
+    with no_loading_bars():
+        build_text_encoder(cfg)
+    assert "Loading weights" not in capfd.readouterr().err
+    build_text_encoder(cfg)  # and back on after the run
+    err = capfd.readouterr().err
+    if not was:
+        hf_logging.disable_progress_bar()
+    assert "Loading weights" in err
+
+
 def test_dense_to_short_against_a_loop():
     g = torch.Generator().manual_seed(0)
     n = 12

@@ -222,6 +222,21 @@ def _eval_stage(cfg: PipelineConfig, stage_names: list[str]) -> Stage:
                  deps=deps, estimate_s=5 + 0.02 * cfg.eval.cupl_classes * cfg.eval.cupl_per_class * len(teachers))
 
 
+@contextmanager
+def no_loading_bars():
+    """transformers' per-model "Loading weights" bars off while a run's own progress line speaks (the pool's
+    workers turn them off themselves: runner._worker_init)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def run_pipeline(cfg: PipelineConfig, config_source: str = "", out=None) -> dict:
     """Run (or finish) every stage, then write the report; returns the run manifest. One process at a time
     owns the run folder (a second one fails at once, naming the first one's PID)."""
@@ -232,7 +247,7 @@ def run_pipeline(cfg: PipelineConfig, config_source: str = "", out=None) -> dict
 
         torch.set_num_threads(cfg.threads)
     stages = build_stages(cfg)
-    with folder_lock(cfg.run_dir, "llm2clip run"), sigterm_stops():
+    with folder_lock(cfg.run_dir, "llm2clip run"), sigterm_stops(), no_loading_bars():
         runner = Runner(Path(cfg.run_dir), stages, cfg.parallel, cfg.model_dump(mode="json"), out=out)
         manifest = runner.run()
         return write_report(cfg, manifest, config_source, out=out)

@@ -262,7 +262,9 @@ PR_SET_PDEATHSIG = 1
 
 
 def _worker_init(parent: int) -> None:
-    """In each pool worker: die with the main process, and leave Ctrl-C to it (it stops the workers)."""
+    """In each pool worker: die with the main process, and leave Ctrl-C to it (it stops the workers); no
+    per-model loading bars from transformers under the run's progress line (read when transformers is imported)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         try:
