@@ -121,8 +121,14 @@ def test_a_dropped_connection_is_retried_then_the_shard_skipped_and_counted(shar
     counts = [b[2].get("skipped_shards", 0) for b in got]  # from the batch that met the shard on
     assert counts[-1] == 1 and counts == sorted(counts)  # counted once, though each epoch meets it
     assert any("skipped after 4 failed tries" in r.getMessage() and NAMES[1] in r.getMessage() for r in caplog.records)
-    # a resumed run (a new spool: the shard is tried again) carries the count on
-    assert _stream(f"{url}/{PATTERN}", feats, start=got[-1][2], n=3)[-1][2]["skipped_shards"] == 2
+    assert got[-1][2]["failed_shards"] == [1]
+    # a resumed run (a new spool: the shard is tried again) carries the count on, and the same shard failing
+    # again is still one shard
+    resumed = _stream(f"{url}/{PATTERN}", feats, start=got[-1][2], n=3)
+    assert handler.gets.count(f"/{NAMES[1]}") == 8 and resumed[-1][2]["skipped_shards"] == 1
+    # a count saved without indices (an earlier version) is carried on
+    old = {k: v for k, v in got[-1][2].items() if k != "failed_shards"}
+    assert _stream(f"{url}/{PATTERN}", feats, start=old, n=3)[-1][2]["skipped_shards"] == 2
     # a missing shard (404) is not retried: skipped and counted at once
     got = _stream([f"{url}/{n}" for n in (NAMES[0], "missing.tar", NAMES[2])], feats, n=3)  # past an epoch
     assert handler.gets.count("/missing.tar") == 1 and got[-1][2]["skipped_shards"] == 1

@@ -160,6 +160,10 @@ class ShardFetcher:
     def failed(self) -> int:
         return sum(1 for _ in self.folder.glob("*.failed"))
 
+    def failed_urls(self) -> set[str]:
+        """The shards given up on in this process (each mark holds its URL)."""
+        return {m.read_text() for m in self.folder.glob("*.failed")}
+
     def local(self, url: str) -> Path | None:
         """The spooled copy of ``url`` (fetched now if needed), or None once it has failed."""
         name = self._name(url)
@@ -345,7 +349,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     of the whole stream so it knows where its batches start, and decodes only its own. An unreadable
     sample (image or json) is replaced by the next readable one of its group and counted in
     ``skipped``, so the position never depends on what could be decoded. ``position`` is where the
-    stream continues after the batch (with ``skipped_shards``: remote shards given up on, once any was).
+    stream continues after the batch (with ``skipped_shards``: how many remote shards were given up on, once any
+    was, and ``failed_shards``: their indices, so that one failing again after a resume counts once).
 
     Remote shards (URLs) are spooled by a ``ShardFetcher`` shared by the workers, keeping the shards of
     the last few groups, and read like local ones: the same batches and positions.
@@ -478,7 +483,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         start = dict(self.start)
-        lost = int(start.pop("skipped_shards", 0))  # remote shards given up on before this (resumed) run
+        # remote shards given up on before this (resumed) run: by index, so that a shard that fails again
+        # counts once; a count saved without indices (an earlier version) is carried on as it is
+        lost = set(start.pop("failed_shards", []))
+        unnamed = max(int(start.pop("skipped_shards", 0)) - len(lost), 0)
+        index = {str(u): k for k, u in enumerate(self.shards)}
         pos = StreamPosition(**start)
         b = 0
         try:
@@ -488,9 +497,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                     imgs, caps, skipped = zip(*(self._sample(*slot) for slot in slots))
                     texts = batch_texts(caps, self.features, self.tokenize)
                     at = pos.as_dict()
-                    n_lost = lost + (self.fetcher.failed() if self.fetcher is not None else 0)
-                    if n_lost:
-                        at["skipped_shards"] = n_lost
+                    failed = lost | {index[u] for u in self.fetcher.failed_urls()} if self.fetcher else lost
+                    if failed or unnamed:
+                        at["skipped_shards"] = unnamed + len(failed)
+                        at["failed_shards"] = sorted(failed)
                     yield torch.stack(imgs), texts, int(sum(skipped)), at
                 b += 1
         finally:
