@@ -12,6 +12,7 @@ computes it once per token sequence; training then runs only the top N layers.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -31,7 +32,9 @@ def add_lora(body: nn.Module, r: int, alpha: int, dropout: float, target_modules
         kw = dict(layers_to_transform=list(range(n - top_layers, n)), layers_pattern="layers")
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                      bias="none", **kw)
-    return get_peft_model(body, cfg)
+    with warnings.catch_warnings():  # peft reads a transformers property deprecated in v5: not ours to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(body, cfg)
 
 
 def inner_body(model: nn.Module) -> nn.Module:

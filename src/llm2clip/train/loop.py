@@ -55,6 +55,7 @@ from .fsdp import gather_full_model, reduce_replicated_grads
 HELDOUT_RANKS = "heldout_ranks.json"  # every held-out query's rank at the final step
 
 log = logging.getLogger(__name__)
+_TRUNCATION_WARNED: set[str] = set()  # stores already warned about in this process (a run trains many)
 
 
 # ------------------------------------------------------------------------------------- data
@@ -228,7 +229,9 @@ class Stage2Trainer:
         self.features = build_features(cfg, [self.train_records, self.val_records])
         # recorded at embed time by newer stores: captions cut at the caption encoder's max_length
         self.truncated = int((getattr(self.features, "manifest", None) or {}).get("truncated_captions") or 0)
-        if self.truncated and self.di.main:
+        store = str(getattr(self.features, "path", "") or id(self.features))
+        if self.truncated and self.di.main and store not in _TRUNCATION_WARNED:  # once per store and process
+            _TRUNCATION_WARNED.add(store)
             log.warning("the feature store reports %d caption(s) truncated at the caption encoder's max_length; "
                         "their embeddings miss the cut text", self.truncated)
 
