@@ -53,9 +53,11 @@ def _keys_only():
     finally:
         _FOR_KEYS.reset(token)
 
-# Priors for the time-left display (seconds on a quiet 2-core machine); rescaled as stages finish.
-_EST_CAPTION_S = {"llm": 0.02, "sentence": 0.003, "random": 0.0001}
-_EST_STEP_S = 0.35
+# Priors for the time-left display: one thread's seconds in the recorded quickstart (SmolLM2-135M in bf16, the
+# patch-8 / width-96 tower), divided among the pool's workers; rescaled by how the run does as stages finish.
+_EST_CAPTION_S = {"llm": 0.1, "sentence": 0.022, "random": 0.0001}
+_EST_STEP_S = 0.14  # a stage-2 step with the adapter, batch 64
+_EST_CLIP_STEP_FACTOR = 3.4  # with the CLIP text tower instead
 
 
 def preset_path(name: str) -> Path:
@@ -128,9 +130,11 @@ def _build_stages(cfg: PipelineConfig) -> list[Stage]:
             "save_every": max(1, st1.optim.steps // 4),
             "log_every": 1,
         }
-        est = 0.01 * (798 * (st1.cupl_per_class or 20) + 6 * st1.scenes) + 1.2 * st1.optim.steps
+        # the frozen trunk once per caption, then steps over the top layers (one thread)
+        est = (0.02 * (798 * (st1.cupl_per_class or 20) + 2 * st1.scenes)
+               + 0.063 * st1.contrastive.batch_size * st1.optim.steps)
         stages.append(Stage(f"stage1/{name}", ft, S.run_stage1, (ft, threads, not pooled), deps=["data"],
-                            estimate_s=est, pooled=pooled,
+                            estimate_s=est / (workers if pooled else 1), pooled=pooled,
                             progress=S.train_progress(run_dir / "stage1" / name, st1.optim.steps) if pooled else None))
 
     embed_names = []
@@ -149,7 +153,7 @@ def _build_stages(cfg: PipelineConfig) -> list[Stage]:
         ec = {"encoder": enc, "captions": [captions],
               "out": str((run_dir / "embed" / name).absolute()), "dtype": cfg.embed_dtype, "shard_size": 4096}
         stages.append(Stage(f"embed/{name}", {"config": ec}, S.run_embed, (ec, threads, not pooled), deps=deps,
-                            estimate_s=n_captions * _EST_CAPTION_S.get(kind, 0.01) * (2 if pooled else 1),
+                            estimate_s=n_captions * _EST_CAPTION_S.get(kind, 0.01) / (workers if pooled else 1),
                             pooled=pooled))
         embed_names.append(name)
 
@@ -176,7 +180,7 @@ def _build_stages(cfg: PipelineConfig) -> list[Stage]:
         models = {t: str(run_dir / "train" / f"fmnist-{t}" / "model") for t in fm_teachers}
         stages.append(Stage("zeroshot", {"models": models, "test": fm.test, "root": fm.root}, S.run_zeroshot,
                             (models, fm.test, fm.root, cfg.threads), deps=[f"train/fmnist-{t}" for t in fm_teachers],
-                            estimate_s=5 * len(fm_teachers)))
+                            estimate_s=20 * len(fm_teachers)))
     stages.append(_eval_stage(cfg, [s.name for s in stages]))
     return stages
 
@@ -199,7 +203,8 @@ def _train_stage(cfg: PipelineConfig, name: str, teacher: str, data: dict, steps
         rc["data"]["features"] = {"store": str((run_dir / "embed" / teacher).absolute())}
         deps = ["data", f"embed/{teacher}"]
     return Stage(f"train/{name}", {"config": rc}, S.run_train, (rc,), deps=deps,
-                 estimate_s=steps * _EST_STEP_S * (2 if isinstance(t, ClipTeacher) else 1) / workers,
+                 estimate_s=steps * _EST_STEP_S * (_EST_CLIP_STEP_FACTOR if isinstance(t, ClipTeacher) else 1)
+                 / workers,
                  pooled=True, progress=S.train_progress(run_dir / "train" / name, steps))
 
 
