@@ -90,12 +90,13 @@ class Job:
         return data
 
     def open(self, record: dict, check: Check | None = None, not_empty: str | None = None,
-             restart: bool = False, prepare: Callable[[], None] | None = None) -> str:
+             restart: bool = False, prepare: Callable[[], None] | None = None, keep: Iterable[str] = ()) -> str:
         """Resume the job recorded in the folder or start a new one; returns "resume" or "new".
 
         ``check(record_path, have, want)`` raises when the recorded job is another one (default: any
         differing field). With ``restart`` a mismatched or foreign folder is cleared instead of refused.
         ``prepare`` runs in a new job's folder before the record is written (files the record vouches for).
+        ``keep``: names a new job's folder may already hold (scratch the caller made before it had a record).
         """
         try:
             have = self.read_record()
@@ -111,13 +112,15 @@ class Job:
             except Exception:
                 if not restart:
                     raise
-        self.start(record, not_empty, restart, prepare)
+        self.start(record, not_empty, restart, prepare, keep)
         return "new"
 
     def start(self, record: dict, not_empty: str | None = None, restart: bool = False,
-              prepare: Callable[[], None] | None = None) -> None:
-        """Claim an absent or empty folder (any folder with ``restart``) and write the record first."""
-        if self.folder.exists() and any(self.folder.iterdir()):
+              prepare: Callable[[], None] | None = None, keep: Iterable[str] = ()) -> None:
+        """Claim an absent or empty folder (any folder with ``restart``) and write the record first; names in
+        ``keep`` do not count as content."""
+        keep = set(keep)
+        if self.folder.exists() and any(p.name not in keep for p in self.folder.iterdir()):
             if not restart:
                 raise self.error(not_empty or f"{self.folder}: not empty and not a {self.kind} job; choose an empty "
                                  "or new folder")

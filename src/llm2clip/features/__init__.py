@@ -10,7 +10,8 @@ Names load on first use: readers of a store need only numpy, the job pulls in th
 from ..lazy import lazy_exports
 
 __getattr__, _ = lazy_exports(__name__, {
-    "store": ["FeatureStore", "StoreError", "IdentityMismatchError", "write_store"],
-    "extract": ["EmbedConfig", "run_embedding", "load_embed_config", "read_captions"],
+    "store": ["FeatureStore", "StoreError", "IdentityMismatchError", "MissingIdError", "write_store"],
+    "extract": ["EmbedConfig", "run_embedding", "load_embed_config", "read_captions", "plan_sources"],
 })
-__all__ = ["FeatureStore", "StoreError", "IdentityMismatchError", "write_store", "EmbedConfig", "run_embedding"]
+__all__ = ["FeatureStore", "StoreError", "IdentityMismatchError", "MissingIdError", "write_store", "EmbedConfig",
+           "run_embedding"]

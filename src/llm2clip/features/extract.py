@@ -5,7 +5,8 @@ Captions come from image manifests (the caption-record shape stage 2 and eval-te
 Equal caption texts share one row; rows are the unique texts in first-seen order, cut into fixed-size shards. A shard is
 a pure function of its texts, so a killed run resumes by skipping the shards on disk, and
 ``torchrun --nproc_per_node=N`` gives shard k to rank k % N: both give the same bytes as one
-uninterrupted process.
+uninterrupted process. Rank 0 plans rows and ids on disk in bounded memory (``plan.py``, in ``out/plan`` until
+the store is finished); the other ranks read only their shards' texts from that plan.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -29,6 +31,7 @@ from ..distributed import from_rank0
 from ..errors import InputError
 from ..jobs import Job
 from ..text.config import TextEncoderConfig
+from .plan import Plan, plan_captions
 from .store import (
     JOB_FILE,
     JOB_KIND,
@@ -249,8 +252,18 @@ def read_captions(sources) -> Captions:
             ids.append(cid)
             rows.append(row)
     if not ids:
-        raise InputError("no captions in " + ", ".join(_describe(s) for s in sources))
+        raise InputError(_no_captions(sources))
     return Captions(list(row_of_text), ids, np.asarray(rows, dtype=np.int64), records, repeated)
+
+
+def _no_captions(sources) -> str:
+    return "no captions in " + ", ".join(_describe(s) for s in sources)
+
+
+def plan_sources(sources, folder: str | Path, **knobs) -> Plan:
+    """``read_captions`` on disk, in bounded memory (``plan.plan_captions``): the same rows, ids and fingerprint."""
+    return plan_captions(lambda: (r for src in sources for r in iter_source(src)), folder,
+                         empty=_no_captions(sources), **knobs)
 
 
 def _describe(src) -> str:
@@ -334,24 +347,58 @@ def _encode_shard(encoder, texts: list[str], batch_size: int, bar) -> tuple[np.n
     return out, truncated
 
 
-def _job_record(config: EmbedConfig, caps: Captions, identity: dict, dim: int) -> dict:
+def _job_record(config: EmbedConfig, plan: Plan, identity: dict, dim: int) -> dict:
     return {"identity": identity, "dim": dim, "dtype": config.dtype, "shard_size": config.shard_size,
-            "rows": len(caps.texts), "ids": len(caps.ids), "captions_sha256": caps.fingerprint}
+            "rows": plan.rows, "ids": plan.ids, "captions_sha256": plan.fingerprint}
+
+
+PLAN_DIR = "plan"  # in 'out' while the job runs; a scratch folder of the job
+
+
+def _not_ours(out: Path) -> str:
+    return f"{out}: not empty and not a store of this job; choose an empty or new 'out'"
+
+
+def _plan_on_rank0(config: EmbedConfig, out: Path) -> Plan:
+    """Rank 0: claim 'out' and plan into out/plan (replanned on every run: the captions may have changed)."""
+    Job(out, JOB_KIND, STORE_MANIFEST, error=StoreError)  # this process is the folder's one writer from here
+    if out.is_dir() and not (out / JOB_FILE).is_file() and not (out / STORE_MANIFEST).is_file() and any(
+            p.name != PLAN_DIR for p in out.iterdir()):
+        raise StoreError(_not_ours(out))  # before a plan is written into someone else's folder
+    return plan_sources(config.captions, out / PLAN_DIR)
 
 
 def _prepare_out(out: Path, record: dict) -> bool:
     """Rank 0: start, resume or recognise a finished store. True when there is nothing left to do."""
     job = Job(out, JOB_KIND, STORE_MANIFEST, error=StoreError)
     if job.is_complete():
-        m = FeatureStore.open(out).manifest
-        have = {"identity": m["identity"], "dim": m["dim"], "dtype": m["dtype"], "shard_size": m["shard_size"],
-                "rows": m["rows"], "ids": m["ids"], "captions_sha256": m.get("captions", {}).get("sha256")}
-        _same_job(job.manifest_path, have, record)
+        try:
+            m = FeatureStore.open(out).manifest
+            have = {"identity": m["identity"], "dim": m["dim"], "dtype": m["dtype"], "shard_size": m["shard_size"],
+                    "rows": m["rows"], "ids": m["ids"], "captions_sha256": m.get("captions", {}).get("sha256")}
+            _same_job(job.manifest_path, have, record)
+        finally:  # a finished store keeps no plan
+            shutil.rmtree(out / PLAN_DIR, ignore_errors=True)
         return True
-    if job.open(record, check=_same_job,
-                not_empty=f"{out}: not empty and not a store of this job; choose an empty or new 'out'") == "resume":
+    if job.open(record, check=_same_job, not_empty=_not_ours(out), keep=[PLAN_DIR]) == "resume":
         log.info("resuming %s (partial files of the killed run removed)", out)
     return False
+
+
+def _on_every_rank(dist: Dist, fn):
+    """``fn()`` on rank 0; its error, if any, raised on every rank (the others would wait for rank 0)."""
+    err = None
+    if dist.rank == 0:
+        try:
+            fn()
+        except Exception as e:  # re-raised below, on every rank
+            err = e
+    got = from_rank0(None if err is None else err if isinstance(err, InputError) else
+                     RuntimeError(f"rank 0 failed: {type(err).__name__}: {err}"))
+    if err is not None:
+        raise err
+    if got is not None:
+        raise got
 
 
 def _same_job(where: Path, have: dict, want: dict) -> None:
@@ -372,17 +419,21 @@ def run_embedding(config: EmbedConfig, *, encoder=None, progress: bool | None = 
     from ..text import build_text_encoder
 
     dist = Dist.from_env()
-    caps = read_captions(config.captions)  # every input error before any model loads
     enc_cfg = _encoder_for_rank(config.encoder, dist)
     dist.init(getattr(enc_cfg, "device", "cpu") or "cpu")
+    out = Path(config.out)
+    _on_every_rank(dist, lambda: _plan_on_rank0(config, out))  # every input error before any model loads
+    if dist.rank != 0 and not (out / PLAN_DIR / "plan.json").is_file():
+        raise StoreError(f"{out}: not visible from rank {dist.rank}; 'out' must be on a shared filesystem")
+    plan = Plan.open(out / PLAN_DIR)
     encoder = encoder or build_text_encoder(enc_cfg)
     identity, dim = _jsonable(encoder.identity()), int(encoder.dim)
-    out = Path(config.out)
-    layout = Layout(len(caps.texts), config.shard_size)
-    job = _job_record(config, caps, identity, dim)
+    layout = Layout(plan.rows, config.shard_size)
+    job = _job_record(config, plan, identity, dim)
     # rank 0's view decides (a node's network-filesystem cache may not show the manifest yet)
-    done = from_rank0(_prepare_out(out, job) if dist.rank == 0 else False)
-    if done:
+    done = [False]
+    _on_every_rank(dist, lambda: done.__setitem__(0, _prepare_out(out, job)))
+    if from_rank0(done[0]):
         log.info("%s: already complete", out)
         return out
     if dist.rank != 0 and not (out / JOB_FILE).is_file():
@@ -403,7 +454,7 @@ def run_embedding(config: EmbedConfig, *, encoder=None, progress: bool | None = 
     try:
         for k in todo:  # each shard records its truncated captions, so a resumed run still counts them all
             lo, hi = layout.shard_range(k)
-            vecs, truncated = _encode_shard(encoder, caps.texts[lo:hi], bs, bar)
+            vecs, truncated = _encode_shard(encoder, plan.texts(lo, hi), bs, bar)
             write_shard(out, k, to_storage(vecs, config.dtype, where=f"shard {k} (rows {lo}-{hi - 1})"), identity,
                         truncated_captions=truncated)
     finally:
@@ -413,18 +464,18 @@ def run_embedding(config: EmbedConfig, *, encoder=None, progress: bool | None = 
     if dist.rank == 0:
         extra = {"max_length": _max_length(encoder), "encoder": config.encoder.model_dump(mode="json"),
                  "captions": {"sources": [s.model_dump(mode="json") for s in config.captions],
-                              "records": caps.records, "repeated_ids": caps.repeated_ids,
-                              "ids_sharing_a_row": len(caps.ids) - len(caps.texts), "sha256": caps.fingerprint}}
-        m = finalize_store(out, layout, identity=identity, dim=dim, dtype=config.dtype, ids=caps.ids,
-                           id_rows=caps.id_rows, extra=extra)
-        log.info("wrote %s: %d captions, %d unique, %d shards", out, len(caps.ids), len(caps.texts), layout.n_shards)
+                              "records": plan.records, "repeated_ids": plan.repeated_ids,
+                              "ids_sharing_a_row": plan.ids - plan.rows, "sha256": plan.fingerprint}}
+        m = finalize_store(out, layout, identity=identity, dim=dim, dtype=config.dtype,
+                           keys_from=(plan.folder, plan.keys), extra=extra, scratch=[PLAN_DIR])
+        log.info("wrote %s: %d captions, %d unique, %d shards", out, plan.ids, plan.rows, layout.n_shards)
         if m.get("truncated_captions"):
             log.warning("%s: %d of %d unique captions were longer than max_length=%s tokens and were cut (their "
                         "embeddings see only the start); recorded as truncated_captions in the store manifest",
-                        out, m["truncated_captions"], len(caps.texts), m["max_length"])
+                        out, m["truncated_captions"], plan.rows, m["max_length"])
     dist.barrier()
     return out
 
 
-__all__ = ["EmbedConfig", "FileSource", "BuiltinSource", "Captions", "read_captions", "iter_source",
+__all__ = ["EmbedConfig", "FileSource", "BuiltinSource", "Captions", "read_captions", "plan_sources", "iter_source",
            "run_embedding", "load_embed_config"]

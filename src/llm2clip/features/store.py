@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..fileio import JOB_RECORD, TMP_MARK, remove_temp_files, write_bytes_atomic  # noqa: F401  (re-exported)
+from ..fileio import JOB_RECORD, TMP_MARK, fsync_dir, remove_temp_files, write_bytes_atomic  # noqa: F401  (re-exported)
 from ..hashing import file_sha256
 from ..identity import NUMERICS, numerics_diff, numerics_note, without_numerics
 from ..jobs import Job
@@ -62,6 +63,16 @@ class StoreError(InputError):
 
 class IdentityMismatchError(StoreError):
     """The store was made by another encoder than the one that wants to use it."""
+
+
+class MissingIdError(StoreError, KeyError):
+    """Caption ids the store does not hold (``missing``); a KeyError too, as a mapping's lookup would raise."""
+
+    def __init__(self, message: str, missing: Sequence[str] = ()):
+        super().__init__(message)
+        self.missing = list(missing)
+
+    __str__ = StoreError.__str__  # the message, not KeyError's repr of it
 
 
 def shard_name(k: int) -> str:
@@ -172,9 +183,15 @@ def _sorted_keys(ids: Sequence[str], id_rows: np.ndarray) -> tuple[np.ndarray, n
     return keys[order], np.asarray(id_rows, dtype=np.int64)[order]
 
 
-def finalize_store(out: Path, layout: Layout, *, identity: dict, dim: int, dtype: str, ids: Sequence[str],
-                   id_rows: np.ndarray, extra: dict | None = None) -> dict:
-    """Check every shard, then write keys, SHA256SUMS and, last, the manifest."""
+def finalize_store(out: Path, layout: Layout, *, identity: dict, dim: int, dtype: str,
+                   ids: Sequence[str] | None = None, id_rows: np.ndarray | None = None,
+                   keys_from: tuple[Path, dict] | None = None, extra: dict | None = None,
+                   scratch: Sequence[str] = ()) -> dict:
+    """Check every shard, then write keys, SHA256SUMS and, last, the manifest.
+
+    The id files come from ``ids`` and ``id_rows`` in memory, or, written already (the embed job's plan), from
+    ``keys_from``: (folder, {"ids": entry, "rows": entry}) with each file's name, bytes and sha256; they move in.
+    ``scratch``: more names the job leaves to remove once the manifest is written."""
     out = Path(out)
     shards, truncated = [], []
     for k in range(layout.n_shards):
@@ -190,17 +207,22 @@ def finalize_store(out: Path, layout: Layout, *, identity: dict, dim: int, dtype
         side = out / sidecar_name(k)
         digest = side.read_text().split()[0] if side.is_file() else file_sha256(path)
         shards.append({"file": shard_name(k), "rows": hi - lo, "bytes": path.stat().st_size, "sha256": digest})
-    if len(ids) != len(id_rows):
-        raise StoreError(f"{len(ids)} ids but {len(id_rows)} rows for them")
-    keys, rows = _sorted_keys(ids, id_rows)
-    if len(keys) > 1 and (keys[1:] == keys[:-1]).any():
-        raise StoreError("duplicate caption ids")
-    if len(rows) and (rows.min() < 0 or rows.max() >= layout.rows):
-        raise StoreError("an id maps to a row outside the store")
-    key_files = {}
-    for name, arr in ((IDS_FILE, keys), (ID_ROWS_FILE, rows)):
-        data = npy_bytes(arr)
-        key_files[name] = {"file": name, "bytes": len(data), "sha256": write_bytes_atomic(out / name, data)}
+    if keys_from is not None:
+        key_files = _move_keys(out, *keys_from)
+        n_ids = int(np.load(out / IDS_FILE, mmap_mode="r").shape[0])
+    else:
+        if len(ids) != len(id_rows):
+            raise StoreError(f"{len(ids)} ids but {len(id_rows)} rows for them")
+        keys, rows = _sorted_keys(ids, id_rows)
+        if len(keys) > 1 and (keys[1:] == keys[:-1]).any():
+            raise StoreError("duplicate caption ids")
+        if len(rows) and (rows.min() < 0 or rows.max() >= layout.rows):
+            raise StoreError("an id maps to a row outside the store")
+        key_files = {}
+        for name, arr in ((IDS_FILE, keys), (ID_ROWS_FILE, rows)):
+            data = npy_bytes(arr)
+            key_files[name] = {"file": name, "bytes": len(data), "sha256": write_bytes_atomic(out / name, data)}
+        n_ids = len(ids)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -209,7 +231,7 @@ def finalize_store(out: Path, layout: Layout, *, identity: dict, dim: int, dtype
         "dtype": dtype,
         "storage_dtype": STORAGE[dtype].str,
         "rows": layout.rows,
-        "ids": len(ids),
+        "ids": n_ids,
         "shard_size": layout.shard_size,
         "shards": shards,
         "keys": {"ids": key_files[IDS_FILE], "rows": key_files[ID_ROWS_FILE]},
@@ -221,8 +243,21 @@ def finalize_store(out: Path, layout: Layout, *, identity: dict, dim: int, dtype
     sums += "".join(f"{f['sha256']}  {f['file']}\n" for f in key_files.values())
     write_bytes_atomic(out / SUMS_FILE, sums.encode())
     Job(out, JOB_KIND, STORE_MANIFEST).complete((json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode(),
-                                                scratch=[sidecar_name(k) for k in range(layout.n_shards)])
+                                                scratch=[*(sidecar_name(k) for k in range(layout.n_shards)), *scratch])
     return manifest
+
+
+def _move_keys(out: Path, folder: Path, entries: dict) -> dict:
+    """Id files written elsewhere (checked by size) moved into the store; their manifest entries."""
+    key_files = {}
+    for name, entry in ((IDS_FILE, entries["ids"]), (ID_ROWS_FILE, entries["rows"])):
+        src = Path(folder) / entry["file"]
+        if not src.is_file() or src.stat().st_size != entry["bytes"]:
+            raise StoreError(f"{src}: missing or not the planned {entry['bytes']} bytes; rerun the job")
+        os.replace(src, out / name)
+        key_files[name] = {"file": name, "bytes": entry["bytes"], "sha256": entry["sha256"]}
+    fsync_dir(out)
+    return key_files
 
 
 def write_store(out: str | Path, ids: Sequence[str], vectors, *, identity: dict, dtype: str = "float16",
@@ -531,8 +566,8 @@ class FeatureStore:
         if not found.all():
             missing = [ids[i] for i in np.flatnonzero(~found)]
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise StoreError(f"{self.path}: {len(missing)} caption id(s) not in the store: "
-                             f"{', '.join(map(repr, missing[:5]))}{more}")
+            raise MissingIdError(f"{self.path}: {len(missing)} caption id(s) not in the store: "
+                                 f"{', '.join(map(repr, missing[:5]))}{more}", missing)
         return rows
 
     def row_of(self, id: str) -> int:
