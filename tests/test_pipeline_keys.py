@@ -97,29 +97,48 @@ def test_union_kinds_stay_apart():
         assert plan._dump(random.encoder) == {"kind": "random"}
 
 
+def _old_run(tmp_path, a_inputs: dict, b_inputs: dict) -> None:
+    """A manifest as versions before KEY_VERSION 2 wrote it: every setting in the key, chained on dep keys."""
+    old = Runner.__new__(Runner)
+    old.run_dir = tmp_path
+    ka = old._hash(a_inputs, {})
+    kb = old._hash(b_inputs, {"a": ka})
+    (tmp_path / "manifest.json").write_text(json.dumps({"stages": {
+        "a": {"key": ka, "inputs": a_inputs, "status": "done", "result": {}},
+        "b": {"key": kb, "inputs": b_inputs, "status": "done", "result": {}}}}))
+
+
 def test_run_made_before_key_version_2_is_adopted(tmp_path):
-    """A finished stage recorded under the full-settings key of earlier versions is not redone."""
+    """A finished stage recorded under the full-settings keys of earlier versions is not redone, also when
+    settings were added since at their defaults; a changed or explicitly set new setting redoes it."""
     from llm2clip.pipeline.runner import Stage
 
     calls = []
-    stages = [Stage("a", {"x": 1}, calls.append, ("a",), legacy_key={"x": 1, "y": 0}),
-              Stage("b", {"z": 2}, calls.append, ("b",), deps=["a"], legacy_key={"z": 2, "w": 0})]
-    old = Runner.__new__(Runner)
-    old.run_dir = tmp_path
-    ka = old._hash({"x": 1, "y": 0}, {})
-    kb = old._hash({"z": 2, "w": 0}, {"a": ka})
-    (tmp_path / "manifest.json").write_text(json.dumps({"stages": {
-        "a": {"key": ka, "status": "done", "result": {}}, "b": {"key": kb, "status": "done", "result": {}}}}))
-    r = Runner(tmp_path, stages)
-    assert all(r.is_done(s) for s in stages)
+
+    def stages(a_full, a_key, b_full=None, b_key=None):
+        b_full, b_key = b_full or {"z": 2, "w": 0}, b_key or {"z": 2}
+        return [Stage("a", a_key, calls.append, ("a",), legacy_key=a_full),
+                Stage("b", b_key, calls.append, ("b",), deps=["a"], legacy_key=b_full)]
+
+    _old_run(tmp_path, {"x": 1, "y": 0}, {"z": 2, "w": 0})
+    r = Runner(tmp_path, stages({"x": 1, "y": 0}, {"x": 1}))
+    assert all(r.is_done(s) for s in r.stages)
     r.run()
     assert calls == []
-    # a legacy record whose settings differ is redone, and so is what depends on it
-    stages2 = [Stage("a", {"x": 5}, calls.append, ("a",), legacy_key={"x": 5, "y": 0}),
-               Stage("b", {"z": 2}, calls.append, ("b",), deps=["a"], legacy_key={"z": 2, "w": 0})]
-    (tmp_path / "manifest.json").write_text(json.dumps({"stages": {
-        "a": {"key": ka, "status": "done", "result": {}}, "b": {"key": kb, "status": "done", "result": {}}}}))
-    Runner(tmp_path, stages2).run()
+    rec = json.loads((tmp_path / "manifest.json").read_text())["stages"]["a"]
+    assert rec["inputs"] == {"x": 1} and rec["key"] == r.keys["a"]
+    # a setting added since ("n", nested too), at its default: still the same stages
+    _old_run(tmp_path, {"x": 1, "y": {"u": 0}}, {"z": 2, "w": 0})
+    Runner(tmp_path, stages({"x": 1, "y": {"u": 0, "n": 3}, "n": None}, {"x": 1})).run()
+    assert calls == []
+    # the added setting given a non-default value: redone, and what depends on it
+    _old_run(tmp_path, {"x": 1, "y": 0}, {"z": 2, "w": 0})
+    Runner(tmp_path, stages({"x": 1, "y": 0, "n": 7}, {"x": 1, "n": 7})).run()
+    assert calls == ["a", "b"]
+    # a changed setting: redone, and what depends on it
+    calls.clear()
+    _old_run(tmp_path, {"x": 1, "y": 0}, {"z": 2, "w": 0})
+    Runner(tmp_path, stages({"x": 5, "y": 0}, {"x": 5})).run()
     assert calls == ["a", "b"]
 
 

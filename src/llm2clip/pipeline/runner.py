@@ -79,14 +79,11 @@ class Runner:
         if config is not None:
             self.manifest["config"] = config
         self.keys: dict[str, str] = {}
-        self.legacy_keys: dict[str, str] = {}
         for st in stages:
             missing = [d for d in st.deps if d not in self.keys]
             if missing:
                 raise ValueError(f"stage {st.name} depends on {missing}, which come later or not at all")
             self.keys[st.name] = self._hash(st.key, {d: self.keys[d] for d in st.deps})
-            if st.legacy_key is not None:
-                self.legacy_keys[st.name] = self._hash(st.legacy_key, {d: self.legacy_keys.get(d) for d in st.deps})
         self.t0 = time.perf_counter()
         self.spent_est = 0.0  # estimates of the stages run so far (for the rescaling)
         self.spent_real = 0.0
@@ -101,16 +98,21 @@ class Runner:
         return stable_hash({"key": text, "deps": deps})
 
     def _adopt_legacy(self) -> None:
-        """A stage finished under its legacy key (an earlier key format, same settings) takes today's key: an
-        upgrade that changes how keys are written does not redo finished work."""
-        adopted = []
+        """A stage finished under the earlier key format (every setting in its key) with today's settings takes
+        today's key, so the upgrade that changed the format does not redo finished work. Settings added since
+        that run count as the same when they are at their defaults (absent from today's key)."""
+        old_keys: dict[str, str] = {}  # the adopted stages' recorded keys: what their dependants hashed
         for st in self.stages:
             rec = self.record(st.name)
-            legacy = self.legacy_keys.get(st.name)
-            if rec and rec.get("status") == "done" and legacy and rec.get("key") == legacy:
+            if st.legacy_key is None or not rec or rec.get("status") != "done" or rec.get("key") == self.keys[st.name]:
+                continue
+            if any(d not in old_keys for d in st.deps):
+                continue
+            then = _without_new_defaults(st.legacy_key, rec.get("inputs"), st.key)
+            if rec.get("key") == self._hash(then, {d: old_keys[d] for d in st.deps}):
+                old_keys[st.name] = rec["key"]
                 rec.update(key=self.keys[st.name], inputs=st.key)
-                adopted.append(st.name)
-        if adopted:
+        if old_keys:
             self._save()
 
     def _read_manifest(self) -> dict:
@@ -256,6 +258,20 @@ class Runner:
                 pool.shutdown()
         if failed is not None:
             raise failed
+
+
+def _without_new_defaults(full, recorded, explicit):
+    """``full`` (every setting today) less the settings that ``recorded`` (a stage's inputs as an earlier version
+    wrote them) lacks and ``explicit`` (today's key: the non-default settings) lacks too: added since, at their
+    defaults."""
+    if isinstance(full, dict) and isinstance(recorded, dict):
+        ex = explicit if isinstance(explicit, dict) else {}
+        return {k: _without_new_defaults(v, recorded[k], ex.get(k)) if k in recorded else v
+                for k, v in full.items() if k in recorded or k in ex}
+    if isinstance(full, list) and isinstance(recorded, list) and len(full) == len(recorded):
+        ex = explicit if isinstance(explicit, list) and len(explicit) == len(full) else [None] * len(full)
+        return [_without_new_defaults(a, b, c) for a, b, c in zip(full, recorded, ex)]
+    return full
 
 
 PR_SET_PDEATHSIG = 1
