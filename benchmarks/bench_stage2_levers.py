@@ -11,6 +11,7 @@ AdamW and the scheduler, as ``llm2clip quickstart`` builds them (``pipeline/plan
     python benchmarks/bench_stage2_levers.py clip-text  # the CLIP text tower: open_clip's forward vs length buckets
     python benchmarks/bench_stage2_levers.py data       # a batch's samples one by one vs the batched text lookup
     python benchmarks/bench_stage2_levers.py overhead   # the model step: eager vs torch.compile vs vmapped ensemble
+    python benchmarks/bench_stage2_levers.py adamw      # AdamW's step: per-tensor loop vs foreach vs fused
 
 ``shapes`` builds every case in one process (1 thread), then runs rounds; each round times every case
 in turn (a few warm-up steps, then a fixed number of timed steps) and the table gives the median
@@ -469,6 +470,51 @@ def cmd_overhead(args) -> None:
         print(f"| {name} | {statistics.median(xs):.0f} | {', '.join(f'{x:.0f}' for x in xs)} | {ratio:.2f}x |")
 
 
+# -------------------------------------------------------------------------------------------- adamw
+def cmd_adamw(args) -> None:
+    """AdamW's step over the preset model's parameter groups (tower patch 8 / width 96, 576-d adapter), 1 thread:
+    PyTorch's per-tensor loop (its CPU default), foreach, and the fused kernel (what build_optimizer picks)."""
+    import torch
+
+    from llm2clip.model import LLM2CLIP, ModelConfig
+    from llm2clip.train.optim import param_groups
+
+    torch.set_num_threads(1)
+    model_cfg = copy.deepcopy(BASE["model"])
+    model_cfg["vision"].update(patch_size=8, width=96)
+    cases = {}
+    for name, kw in (("per-tensor loop (CPU default)", {"foreach": False}), ("foreach", {"foreach": True}),
+                     ("fused (build_optimizer)", {"fused": True})):
+        torch.manual_seed(0)
+        m = LLM2CLIP(ModelConfig.model_validate(model_cfg), text_dim=576)
+        groups = param_groups(m, 1e-3, 0.05)
+        for g in groups:
+            g.pop("names")
+        opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, **kw)
+        for p in m.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        cases[name] = opt
+    params = sum(p.numel() for g in next(iter(cases.values())).param_groups for p in g["params"])
+    tensors = sum(len(g["params"]) for g in next(iter(cases.values())).param_groups)
+    per: dict[str, list[float]] = {k: [] for k in cases}
+    loads = []
+    for _ in range(args.rounds):
+        for name, opt in cases.items():
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                opt.step()
+            per[name].append(1e3 * (time.perf_counter() - t) / args.steps)
+        loads.append(load1())
+    first = next(iter(per))
+    print(f"\n{params / 1e6:.2f} M parameters in {tensors} tensors, 1 thread, {args.rounds} interleaved rounds of "
+          f"{args.steps} steps; 1-min load average per round: " + ", ".join(f"{x:.2f}" for x in loads) + "\n")
+    print("| AdamW | ms per step (median) | each round | speed vs the loop (median of per-round ratios) |")
+    print("|---|---:|---|---:|")
+    for name, xs in per.items():
+        ratio = statistics.median(a / b for a, b in zip(per[first], xs))
+        print(f"| {name} | {statistics.median(xs):.1f} | {', '.join(f'{x:.1f}' for x in xs)} | {ratio:.2f}x |")
+
+
 # ------------------------------------------------------------------------------------------ quality
 def cmd_quality(args) -> None:
     """Whole runs through loop.fit, one at a time; held-out dense R@1 (mean of i2t and t2i) per seed."""
@@ -539,13 +585,16 @@ def main(argv=None) -> int:
     p.add_argument("--models", type=int, default=6)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=4, help="timed steps (of all N models) per case per round")
+    p = sub.add_parser("adamw", help="AdamW's step: the per-tensor loop, foreach, fused")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=50)
     p = sub.add_parser("_child")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--go", type=Path)
     p.add_argument("--seconds", type=float, default=20.0)
     args = ap.parse_args(argv)
     {"shapes": cmd_shapes, "threads": cmd_threads, "profile": cmd_profile, "quality": cmd_quality,
-     "clip-text": cmd_clip_text, "data": cmd_data, "overhead": cmd_overhead,
+     "clip-text": cmd_clip_text, "data": cmd_data, "overhead": cmd_overhead, "adamw": cmd_adamw,
      "_child": cmd_child}[args.cmd](args)
     return 0
 

@@ -177,6 +177,40 @@ def test_weight_decay_and_layer_decay_groups():
         assert by_name[n]["weight_decay"] == 0.05, n
 
 
+def test_stage2_adamw_is_fused_where_it_applies_and_equals_the_loop():
+    """The fused kernel: the per-tensor loop's update (float-level), one pass over all tensors; off for sharded
+    DTensor parameters, which it does not take."""
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import DTensor
+
+    from llm2clip.train.optim import build_optimizer, can_fuse
+
+    cfg = SimpleNamespace(lr=1e-2, weight_decay=0.05, layer_decay=0.8, visual_lr=None, text_lr=None,
+                          betas=(0.9, 0.98), eps=1e-6)
+    torch.manual_seed(0)
+    a = LLM2CLIP(ModelConfig(vision={**SMALL, "layers": 2}, embed_dim=8), text_dim=6)
+    b = LLM2CLIP(ModelConfig(vision={**SMALL, "layers": 2}, embed_dim=8), text_dim=6)
+    b.load_state_dict(a.state_dict())
+    fused, loop = build_optimizer(a, cfg), build_optimizer(b, cfg)
+    assert fused.defaults["fused"]
+    loop = torch.optim.AdamW(loop.param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
+    for step in range(5):
+        for m, opt in ((a, fused), (b, loop)):
+            torch.manual_seed(step)
+            opt.zero_grad()
+            img, txt = m(torch.randn(4, 3, 16, 16), torch.randn(4, 6))
+            (img @ txt.T).logsumexp(1).mean().backward()
+            opt.step()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    class Sharded(torch.Tensor):  # stands in for DTensor: a tensor subclass
+        pass
+
+    assert issubclass(DTensor, torch.Tensor) and not can_fuse([torch.Tensor._make_subclass(Sharded, torch.zeros(2))])
+    assert not can_fuse([torch.zeros(2, dtype=torch.long)]) and not can_fuse([])
+
+
 def test_grad_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     m = LLM2CLIP(ModelConfig(vision=SMALL, embed_dim=8, head_init_std=0.02), text_dim=6)
