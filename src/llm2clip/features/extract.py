@@ -6,7 +6,8 @@ Equal caption texts share one row; rows are the unique texts in first-seen order
 a pure function of its texts, so a killed run resumes by skipping the shards on disk, and
 ``torchrun --nproc_per_node=N`` gives shard k to rank k % N: both give the same bytes as one
 uninterrupted process. Rank 0 plans rows and ids on disk in bounded memory (``plan.py``, in ``out/plan`` until
-the store is finished); the other ranks read only their shards' texts from that plan.
+the store is finished: transient disk of roughly 3x the captions' text); the other ranks wait, then read only
+their shards' texts from that plan.
 """
 
 from __future__ import annotations
@@ -286,7 +287,7 @@ class Dist:
     def init(self, device: str) -> None:
         from ..distributed import init_from_env
 
-        # A long timeout: other ranks wait at a barrier while rank 0 sorts and writes the id files of a large store.
+        # A long timeout: other ranks wait while rank 0 plans the captions of a large store (reads, dedups, id files).
         init_from_env(device, timeout=timedelta(hours=4))
 
     def barrier(self) -> None:

@@ -59,9 +59,14 @@ def _hashes(items: list[bytes]) -> np.ndarray:
 class _Spill:
     """Fixed-width records routed to bucket files, appended chunk by chunk, read back one bucket at a time."""
 
-    def __init__(self, folder: Path, name: str, dtype: np.dtype):
+    OPEN = 128  # bucket files kept open while writing (opening one per chunk costs more than the write)
+
+    def __init__(self, folder: Path, name: str, dtype: np.dtype, spills: list | None = None):
         self.folder, self.dtype = str(folder / name), dtype
+        self._open: dict[int, object] = {}
         os.makedirs(self.folder, exist_ok=True)
+        if spills is not None:
+            spills.append(self)  # closed together when planning stops
 
     def _path(self, k: int) -> str:
         return os.path.join(self.folder, f"{k:06d}")  # not pathlib: it interns every name it parses
@@ -73,10 +78,21 @@ class _Spill:
         bucket, recs = bucket[order], recs[order]
         cuts = np.flatnonzero(np.diff(bucket)) + 1
         for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(bucket)]):
-            with open(self._path(int(bucket[lo])), "ab") as f:
-                recs[lo:hi].tofile(f)
+            k = int(bucket[lo])
+            f = self._open.get(k)
+            if f is None:
+                if len(self._open) >= self.OPEN:
+                    self.close()
+                f = self._open[k] = open(self._path(k), "ab")
+            f.write(recs[lo:hi].tobytes())
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
 
     def load(self, k: int) -> np.ndarray:
+        self.close()  # written: flush what is buffered
         p = self._path(k)
         return np.fromfile(p, dtype=self.dtype) if os.path.isfile(p) else np.empty(0, self.dtype)
 
@@ -199,14 +215,19 @@ def plan_captions(records: Records, folder: str | Path, *, empty: str = "no capt
     # 1. stream: blobs of texts and ids in record order; hash records routed to buckets
     texts, ids = _Blob(folder, "texts"), _Blob(folder, "ids")
     tw, iw = texts.writer(), ids.writer()
-    by_text = _Spill(folder, "by-text", _TEXT_REC)
-    by_id = _Spill(folder, "by-id", _ID_REC)
+    spills: list[_Spill] = []
+    by_text = _Spill(folder, "by-text", _TEXT_REC, spills)
+    by_id = _Spill(folder, "by-id", _ID_REC, spills)
     n, width, stride, kept = 0, 1, 1, []
     buf_t: list[bytes] = []
     buf_i: list[bytes] = []
 
     def flush() -> None:
-        seq = np.arange(n - len(buf_t), n, dtype=np.int64)
+        nonlocal width, stride, kept
+        if not buf_t:
+            return
+        lo = n - len(buf_t)
+        seq = np.arange(lo, n, dtype=np.int64)
         th, ih = _hashes(buf_t), _hashes(buf_i)
         tw.add(buf_t)
         iw.add(buf_i)
@@ -216,19 +237,18 @@ def plan_captions(records: Records, folder: str | Path, *, empty: str = "no capt
         ir = np.empty(len(seq), _ID_REC)
         ir["h"], ir["t"], ir["s"] = ih, th, seq
         by_id.add(ih >> shift, ir)
+        width = max(width, *map(len, buf_i))
+        # every stride-th id, the stride doubling when the sample is full: bounded and deterministic
+        kept += buf_i[-lo % stride::stride]
+        while len(kept) > 2 * sample:
+            kept, stride = kept[::2], stride * 2
         buf_t.clear()
         buf_i.clear()
 
     try:
         for cid, text, _ in records():
-            b = cid.encode("utf-8")
-            buf_i.append(b)
+            buf_i.append(cid.encode("utf-8"))
             buf_t.append(text.encode("utf-8"))
-            width = max(width, len(b))
-            if n % stride == 0:  # every stride-th id, the stride doubling: a bounded, deterministic sample
-                kept.append(b)
-                if len(kept) > 2 * sample:
-                    kept, stride = kept[::2], stride * 2
             n += 1
             if len(buf_t) >= chunk:
                 flush()
@@ -236,13 +256,15 @@ def plan_captions(records: Records, folder: str | Path, *, empty: str = "no capt
     finally:
         tw.close()
         iw.close()
+        by_text.close()
+        by_id.close()
     if n == 0:
         raise InputError(empty)
     span = max(1, min(part, n))
     n_ranges = -(-n // span)
 
     # 2. repeated ids: the same caption again is skipped; another caption is an error
-    repeats = _Spill(folder, "repeats", _I8)
+    repeats = _Spill(folder, "repeats", _I8, spills)
     n_repeats, conflict = 0, None
     try:
         for k in range(hash_buckets):
@@ -276,7 +298,7 @@ def plan_captions(records: Records, folder: str | Path, *, empty: str = "no capt
                              "different caption")
 
         # 3. each record's first record with an equal text, routed by that first record's seq range
-        firsts = _Spill(folder, "firsts", _FIRST_REC)
+        firsts = _Spill(folder, "firsts", _FIRST_REC, spills)
         for k in range(hash_buckets):
             rec = by_text.load(k)
             if not len(rec):
@@ -294,7 +316,7 @@ def plan_captions(records: Records, folder: str | Path, *, empty: str = "no capt
             by_text.drop(k)
 
         # 4. rows: first records in record order get 0, 1, 2, ...; every record its first record's row
-        rows_of = _Spill(folder, "rows-of", _ROW_REC)
+        rows_of = _Spill(folder, "rows-of", _ROW_REC, spills)
         n_rows = 0
         for k in range(n_ranges):
             rec = firsts.load(k)
@@ -320,11 +342,13 @@ def plan_captions(records: Records, folder: str | Path, *, empty: str = "no capt
                 new = row > np.maximum.accumulate(np.r_[top, row])[:-1]
                 top = max(top, int(row.max()))
                 idx = np.flatnonzero(new)
-                if len(idx):
-                    chunk_texts = texts.slice(lo, hi)
-                    unique = [chunk_texts[i] for i in idx.tolist()]
-                    rows_blob.add(unique)
-                    digest.update(b"".join(t + b"\0" for t in unique))
+                for a in range(0, hi - lo, chunk):  # texts read a chunk at a time: what Python holds
+                    sel = idx[(idx >= a) & (idx < a + chunk)] - a
+                    if len(sel):
+                        got = texts.slice(lo + a, min(hi, lo + a + chunk))
+                        unique = [got[i] for i in sel.tolist()]
+                        rows_blob.add(unique)
+                        digest.update(b"".join(t + b"\0" for t in unique))
                 row = row.copy()
                 row[repeats.load(k) - lo] = -1
                 row.tofile(rr)
@@ -340,9 +364,9 @@ def plan_captions(records: Records, folder: str | Path, *, empty: str = "no capt
         n_id_ranges = max(1, -(-n_ids // part))
         kept_arr = np.sort(np.array(kept, dtype=key_dt))
         splitters = kept_arr[(np.arange(1, n_id_ranges) * len(kept_arr)) // n_id_ranges]
-        by_key = _Spill(folder, "by-key", pair)
-        for k in range(n_ranges):
-            lo, hi = k * span, min(n, (k + 1) * span)
+        by_key = _Spill(folder, "by-key", pair, spills)
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
             row = np.fromfile(folder / "record_rows.i8", dtype=_I8, count=hi - lo, offset=lo * 8)
             keep = np.flatnonzero(row >= 0)
             chunk_ids = ids.slice(lo, hi)
@@ -356,6 +380,8 @@ def plan_captions(records: Records, folder: str | Path, *, empty: str = "no capt
     finally:
         texts.close()
         ids.close()
+        for spill in spills:
+            spill.close()
     plan = Plan(folder, rows=n_rows, ids=n_ids, records=n, repeated_ids=n_repeats, fingerprint=digest.hexdigest(),
                 keys=keys)
     for name in ("texts.bin", "texts.end", "ids.bin", "ids.end", "record_rows.i8"):
