@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..config import StrictModel
 
 Pooling = Literal["mean", "weighted_mean", "last_token", "first_token"]
 Template = Literal["none", "tokenizer", "llama3"]
 DType = Literal["float32", "bfloat16", "float16"]
+BF16Linears = Literal["none", "mlp", "all"]
 
 
 def _model_path(p: str, base: Path) -> str:
@@ -40,6 +41,13 @@ class LLMEncoderConfig(StrictModel):
     )
     max_length: int = Field(512, ge=8)
     dtype: DType = "float32"
+    bf16_linears: BF16Linears = Field(
+        "none", description=(
+            "with dtype float32, run these linear layers with bf16 weights and matmuls; everything else (embeddings, "
+            "norms, residual stream, attention, pooling) stays fp32. mlp: the MLP projections only (SmolLM2-135M, "
+            "CuPL: minimum cosine to fp32 0.9999, benchmarks/CAPTION_ENCODER.md); all: every linear, the attention "
+            "projections too (0.997: bf16 queries and keys move its outlier tokens)")
+    )
     batch_size: int = Field(32, ge=1)
     batching: Literal["exact", "padded", "packed"] = Field(
         "exact", description=(
@@ -53,6 +61,13 @@ class LLMEncoderConfig(StrictModel):
     attn_implementation: Literal["auto", "sdpa", "eager"] = Field(
         "auto", description="auto: SDPA where the family supports it, else eager (Gemma 2)"
     )
+
+    @model_validator(mode="after")
+    def _bf16_linears_over_fp32(self):
+        if self.bf16_linears != "none" and self.dtype != "float32":
+            raise ValueError(f"bf16_linears {self.bf16_linears!r} needs dtype float32 (it casts some linears of an "
+                             f"fp32 model), not {self.dtype}")
+        return self
 
     @field_validator("instruction")
     @classmethod

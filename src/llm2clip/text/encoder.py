@@ -19,6 +19,7 @@ from .config import LLMEncoderConfig
 from .loading import DTYPES, load_tokenizer, load_weights, resolve_source
 from .packing import PackedBatch, pack, packed_attention_mask, plan_rows, pool_packed
 from .pooling import pool
+from .precision import cast_linears
 from .template import PromptFormat, prompt_format
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,10 @@ class CaptionEncoder:
         }
         (lm or model).to(device=config.device, dtype=DTYPES[config.dtype]).eval()
         (lm or model).requires_grad_(False)
+        if config.bf16_linears != "none":
+            if config.dtype != "float32":  # a config changed without validation (model_copy)
+                raise ConfigError(f"bf16_linears {config.bf16_linears!r} needs dtype float32, not {config.dtype}")
+            cast_linears(model, config.bf16_linears)  # after hashing: the identity keeps the fp32 weights
         enc = cls(model, tokenizer, config, identity)
         enc.lm = lm
         return enc
@@ -115,6 +120,9 @@ class CaptionEncoder:
 
     def save(self, path: str | Path) -> None:
         """Weights (merged), tokenizer and the manifest that pins this encoder's identity."""
+        if self.config.bf16_linears != "none":
+            raise ConfigError("a caption encoder with bf16_linears holds bf16-rounded weights; save it from an fp32 "
+                              "load (bf16_linears: none)")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
@@ -138,7 +146,9 @@ class CaptionEncoder:
             "max_length": c.max_length,
             "dim": self.dim,
             # how the numbers were computed: recorded and compared, a difference is a warning (llm2clip.identity)
-            NUMERICS: {"dtype": c.dtype, "batching": c.batching},
+            NUMERICS: {"dtype": c.dtype, "batching": c.batching,
+                       # recorded only when used: identities from before the option stay as they were
+                       **({"bf16_linears": c.bf16_linears} if c.bf16_linears != "none" else {})},
         }
 
     @property
