@@ -105,7 +105,7 @@ def base_config(out_dir: Path, tiny: bool, scenes: int | None):
     data = stages["data"]
     if not (Path(raw["run_dir"]) / "data" / "heldout_groups.jsonl").is_file():
         data.fn(*data.args)
-    cfg = copy.deepcopy(next(s.key for n, s in stages.items() if n.startswith("stage1/")))
+    cfg = copy.deepcopy(next(s.args[0] for n, s in stages.items() if n.startswith("stage1/")))  # its config
     cfg["eval"] = {"cupl_classes": raw["eval"]["cupl_classes"], "per_class": raw["eval"]["cupl_per_class"],
                    "final": True, "groups": [str((Path(raw["run_dir"]) / "data" / "heldout_groups.jsonl").absolute())]}
     if not tiny:
