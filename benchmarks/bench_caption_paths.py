@@ -1,13 +1,16 @@
 """Caption-encoder fast paths against fp32: captions/s and fidelity, with the plain loops as baselines.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_caption_paths.py [--threads 1] [--rounds 3] [--out FILE]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_caption_paths.py [--threads 1] [--rounds 3] [--cra]
+        [--int8] [--compile] [--more-threads 2] [--out FILE]
 
 SmolLM2-135M-Instruct (the `smollm2` preset, causal, mean pooling). Two workloads: "mixed" (CuPL descriptions
 and scene dense captions, about 15 to 190 tokens) and "short" (scene short captions, about 10 tokens). Every
 case runs once per round, the cases interleaved, and each is reported as the median over rounds of its
 captions/s and of its ratio to the batched bf16 transformers loop in the same round. Fidelity: minimum and
 mean cosine of each caption's embedding to the fp32 one (exact-length batching), on CuPL and on dense
-captions; CRA: held-out CuPL, 200 classes x 5 (pool 1,000), R@1.
+captions; CRA: held-out CuPL, 200 classes x 5 (pool 1,000), R@1, with the minimum cosine to fp32 there too.
+Options add int8 dynamic quantization (--int8), torch.compile (--compile: minutes of compiling first) and the
+main paths again at another thread count (--more-threads N, each case switching threads as it runs).
 """
 
 from __future__ import annotations
@@ -65,14 +68,45 @@ def ours(enc, batching: str, autocast: bool = False):
     return run
 
 
+def int8(enc, which: str):
+    """int8 dynamic quantization (weights per tensor, activations per batch) of the ``which`` linears."""
+    q = copy.copy(enc)
+    q.model = copy.deepcopy(enc.model)
+    names = {n for n, m in q.model.named_modules() if isinstance(m, torch.nn.Linear)
+             and (which == "all" or ".mlp." in f".{n}")}
+    q.model = torch.ao.quantization.quantize_dynamic(q.model, names, dtype=torch.qint8)
+    return ours(q, "exact")
+
+
+def compiled(spec: str):
+    enc = build_text_encoder(parse_encoder_spec(spec))
+    enc.model.forward = torch.compile(enc.model.forward, dynamic=True)  # caption lengths vary per batch
+    return ours(enc, "exact")
+
+
+def with_threads(fn, n: int, back: int):
+    def run(caps):
+        torch.set_num_threads(n)
+        try:
+            return fn(caps)
+        finally:
+            torch.set_num_threads(back)
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--mixed", type=int, default=192, help="captions in the mixed workload")
     ap.add_argument("--short", type=int, default=192, help="captions in the short workload")
+    ap.add_argument("--fidelity", type=int, default=256, help="CuPL captions in the fidelity table")
     ap.add_argument("--cra", action="store_true", help="also held-out CuPL CRA per precision (slow)")
     ap.add_argument("--int8", action="store_true", help="also int8 dynamic quantization of the linear layers")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile (inductor) of the bf16 paths")
+    ap.add_argument("--more-threads", type=int, default=0, help="also the main paths at this many threads")
+    ap.add_argument("--only", help="comma-separated parts of path names: time only those paths (and the baseline)")
     ap.add_argument("--out", type=Path, help="write the Markdown tables here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -84,6 +118,8 @@ def main() -> None:
 
     f32 = build_text_encoder(parse_encoder_spec(SPEC + ",dtype=float32"))
     b16 = build_text_encoder(parse_encoder_spec(SPEC + ",dtype=bfloat16"))
+    mlp = build_text_encoder(parse_encoder_spec(SPEC + ",dtype=float32,bf16_linears=mlp"))
+    lin = build_text_encoder(parse_encoder_spec(SPEC + ",dtype=float32,bf16_linears=all"))
     cases = {
         "one caption at a time, fp32": None,
         "transformers loop, batches of 32, fp32": plain_loop(f32, torch.float32),
@@ -94,17 +130,29 @@ def main() -> None:
         "ours bf16, padded": ours(b16, "padded"),
         "ours bf16, packed": ours(b16, "packed"),
         "ours bf16 matmuls, fp32 weights and residual (autocast)": ours(f32, "exact", autocast=True),
+        "ours bf16 linears, rest fp32 (bf16_linears=all)": ours(lin, "exact"),
+        "ours bf16 MLP linears, rest fp32 (bf16_linears=mlp)": ours(mlp, "exact"),
     }
     if args.int8:
-        q = copy.deepcopy(f32)
-        q.model = torch.ao.quantization.quantize_dynamic(q.model, {torch.nn.Linear}, dtype=torch.qint8)
-        cases["ours int8 dynamic linears, fp32 activations"] = ours(q, "exact")
+        cases["ours int8 dynamic, all linears"] = int8(f32, "all")
+        cases["ours int8 dynamic, MLP linears, rest fp32"] = int8(f32, "mlp")
+    if args.compile:
+        cases["ours bf16, torch.compile"] = compiled(SPEC + ",dtype=bfloat16")
+        cases["ours bf16_linears=mlp, torch.compile"] = compiled(SPEC + ",dtype=float32,bf16_linears=mlp")
+    if args.more_threads:
+        n = args.more_threads
+        for name in ("transformers loop, batches of 32, bf16", "ours fp32, exact-length", "ours bf16, exact-length",
+                     "ours bf16 MLP linears, rest fp32 (bf16_linears=mlp)"):
+            cases[f"{name}, {n} threads"] = with_threads(cases[name], n, args.threads)
     base = "transformers loop, batches of 32, bf16"
+    if args.only:
+        keep = [k.strip() for k in args.only.split(",")]
+        cases = {k: v for k, v in cases.items() if k == base or any(p in k for p in keep)}
     single = ours(f32, "exact")
     one_at_a_time_n = 24
 
-    for fn in cases.values():  # warm-up: first calls pay for lazy initialisation
-        (fn or single)(workloads["mixed"][:4])
+    for fn in cases.values():  # warm-up: first calls pay for lazy initialisation (and compiling)
+        (fn or single)(workloads["mixed"][:4] + workloads["short"][:32])
     rates = {w: {c: [] for c in cases} for w in workloads}
     for r in range(args.rounds):
         for w, caps in workloads.items():
@@ -130,13 +178,13 @@ def main() -> None:
         parts.append(f"Workload {w} ({len(workloads[w])} captions):\n\n"
                      + markdown_table(["path", "captions/s", "vs transformers bf16 loop"], rows, "lrr"))
 
-    ref = {k: ours(f32, "exact")(v) for k, v in (("cupl", cupl[:256]), ("dense", dense))}
+    ref = {k: ours(f32, "exact")(v) for k, v in (("cupl", cupl[: args.fidelity]), ("dense", dense))}
     fid_rows = []
     for name, fn in cases.items():
-        if fn is None or name.startswith("transformers"):
+        if fn is None or name.startswith("transformers") or name.endswith(" threads"):
             continue
         cells = [name]
-        for k, v in (("cupl", cupl[:256]), ("dense", dense)):
+        for k, v in (("cupl", cupl[: args.fidelity]), ("dense", dense)):
             cos = F.cosine_similarity(fn(v), ref[k])
             cells += [f"{cos.min().item():.4f}", f"{cos.mean().item():.4f}"]
         fid_rows.append(cells)
@@ -145,11 +193,21 @@ def main() -> None:
     if args.cra:
         held = cupl_caption_set("heldout", 200, 5, False)
         cra_rows = []
+        held_ref = None
         for name in ("ours fp32, exact-length", "ours bf16, exact-length",
-                     "ours bf16 matmuls, fp32 weights and residual (autocast)"):
+                     "ours bf16 matmuls, fp32 weights and residual (autocast)",
+                     "ours bf16 linears, rest fp32 (bf16_linears=all)",
+                     "ours bf16 MLP linears, rest fp32 (bf16_linears=mlp)",
+                     *(["ours int8 dynamic, MLP linears, rest fp32"] if args.int8 else [])):
+            if name not in cases:
+                continue
             emb = cases[name](held.captions)
-            cra_rows.append([name, f"{caption_retrieval_accuracy(emb, held.groups, [1])['R@1']:.3f}"])
-        parts.append("Held-out CuPL CRA (200 x 5, pool 1,000):\n\n" + markdown_table(["path", "R@1"], cra_rows, "lr"))
+            held_ref = emb if held_ref is None else held_ref
+            cos = F.cosine_similarity(emb, held_ref)
+            cra_rows.append([name, f"{caption_retrieval_accuracy(emb, held.groups, [1])['R@1']:.3f}",
+                             f"{cos.min().item():.4f}", f"{cos.mean().item():.4f}"])
+        parts.append("Held-out CuPL CRA (200 x 5, pool 1,000), and cosine to fp32 on those 1,000 captions:\n\n"
+                     + markdown_table(["path", "R@1", "min cosine", "mean cosine"], cra_rows, "lrrr"))
     report = "\n\n".join(parts) + "\n"
     print(report)
     if args.out:
