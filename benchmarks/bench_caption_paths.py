@@ -95,6 +95,26 @@ def with_threads(fn, n: int, back: int):
     return run
 
 
+def outliers(enc, captions, top: int = 10) -> str:
+    """The linear layers with the largest absolute outputs (fp32) over ``captions``: where the outlier
+    dimensions of the residual stream come from."""
+    peak: dict[str, float] = {}
+
+    def hook(name):
+        def h(mod, inp, out):
+            peak[name] = max(peak.get(name, 0.0), out.abs().max().item())
+        return h
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in enc.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        enc.encode(captions, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = [[n, f"{v:,.0f}"] for n, v in sorted(peak.items(), key=lambda kv: -kv[1])[:top]]
+    return markdown_table(["linear layer", "largest absolute output"], rows, "lr")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
@@ -106,7 +126,9 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true", help="also int8 dynamic quantization of the linear layers")
     ap.add_argument("--compile", action="store_true", help="also torch.compile (inductor) of the bf16 paths")
     ap.add_argument("--more-threads", type=int, default=0, help="also the main paths at this many threads")
-    ap.add_argument("--only", help="comma-separated parts of path names: time only those paths (and the baseline)")
+    ap.add_argument("--outliers", action="store_true", help="only list the linears with the largest outputs (fp32)")
+    ap.add_argument("--only", help="parts of path names, separated by '|' (names hold commas): time only the paths "
+                    "that contain one (and the baseline)")
     ap.add_argument("--out", type=Path, help="write the Markdown tables here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -117,6 +139,9 @@ def main() -> None:
                  "short": [make_scene(0, i).short_caption() for i in range(args.short)]}
 
     f32 = build_text_encoder(parse_encoder_spec(SPEC + ",dtype=float32"))
+    if args.outliers:
+        print(outliers(f32, cupl[:32] + dense[:8]))
+        return
     b16 = build_text_encoder(parse_encoder_spec(SPEC + ",dtype=bfloat16"))
     mlp = build_text_encoder(parse_encoder_spec(SPEC + ",dtype=float32,bf16_linears=mlp"))
     lin = build_text_encoder(parse_encoder_spec(SPEC + ",dtype=float32,bf16_linears=all"))
@@ -146,7 +171,7 @@ def main() -> None:
             cases[f"{name}, {n} threads"] = with_threads(cases[name], n, args.threads)
     base = "transformers loop, batches of 32, bf16"
     if args.only:
-        keep = [k.strip() for k in args.only.split(",")]
+        keep = [k.strip() for k in args.only.split("|") if k.strip()]
         cases = {k: v for k, v in cases.items() if k == base or any(p in k for p in keep)}
     single = ours(f32, "exact")
     one_at_a_time_n = 24
