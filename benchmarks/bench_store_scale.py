@@ -83,9 +83,11 @@ def run_case(tmp: Path, captions: Path, n: int, procs: int, cost: float, version
     if res.returncode:
         raise SystemExit(f"embed failed ({n}, {procs}, {version}):\n{res.stderr[-2000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr).group(1))
+    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", res.stderr).group(1)) for k in ("User", "System"))
     return {"version": version, "captions": n, "processes": procs, "encoder_cost_us": cost, "wall_s": wall,
             "captions_per_s": n / wall, "captions_per_s_per_process": n / wall / procs,
-            "peak_rss_mb": rss_kb / 1024, "load_start": load0, "load_end": os.getloadavg()[0], "store": str(out)}
+            "peak_rss_mb": rss_kb / 1024, "cpu_s": cpu, "load_start": load0, "load_end": os.getloadavg()[0],
+            "store": str(out)}
 
 
 LOOKUP = r"""
@@ -167,14 +169,15 @@ def report(rows: list[dict], looked: list[dict], args) -> None:
         groups.setdefault((r["version"], r["encoder_cost_us"], r["captions"], r["processes"]), []).append(r)
     print(f"\nmedians of {args.repeat} interleaved round(s)\n")
     print("| version | encoder µs/caption | captions | processes | wall s | captions/s | captions/s per process "
-          "| peak RSS MB (largest process) | load (1 min) at start-end |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| peak RSS MB (largest process) | CPU s (all processes) | CPU s / wall s | load (1 min) at start-end |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for (v, c, n, p), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][3], kv[0][0])):
         loads = f"{min(r['load_start'] for r in rs):.2f}-{max(r['load_end'] for r in rs):.2f}"
         per_process = med(r["captions_per_s_per_process"] for r in rs)
         print(f"| {v} | {c:g} | {n:,} | {p} | {med(r['wall_s'] for r in rs):.1f} | "
               f"{med(r['captions_per_s'] for r in rs):,.0f} | {per_process:,.0f} | "
-              f"{med(r['peak_rss_mb'] for r in rs):.0f} | {loads} |")
+              f"{med(r['peak_rss_mb'] for r in rs):.0f} | {med(r.get('cpu_s', 0) for r in rs):.1f} | "
+              f"{med(r.get('cpu_s', 0) / r['wall_s'] for r in rs):.2f} | {loads} |")
     lo, hi = min(args.sizes), max(args.sizes)
     print()
     for (v, c, n, p), rs in sorted(groups.items()):
