@@ -398,6 +398,9 @@ def test_config_errors(tiny_llm_dir, groups_file, tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(f, FinetuneConfig)
     assert "bad.yaml:4: objective" in str(e.value) and "bad.yaml:6: lora.r" in str(e.value)
+    # bf16_linears rounds weights: refused before training, not at the final save
+    with pytest.raises(ValueError, match="encoder.bf16_linears 'mlp': stage 1 trains and saves"):
+        config(tiny_llm_dir, groups_file, tmp_path / "d", encoder={"bf16_linears": "mlp"})
     with pytest.raises(ConfigError, match="larger than the number of groups"):
         Stage1Trainer(config(tiny_llm_dir, groups_file, tmp_path / "big", contrastive={"batch_size": 64}),
                       progress=False).train_step()

@@ -111,6 +111,9 @@ class FinetuneConfig(StrictModel):
     def _check(self):
         if self.optim.frozen_dtype == "bfloat16" and self.optim.precision != "bf16":
             raise ValueError("optim.frozen_dtype bfloat16 needs optim.precision bf16 (bf16 weights in fp32 matmuls)")
+        if self.encoder.bf16_linears != "none":  # its weights are rounded: the fine-tuned encoder could not be saved
+            raise ValueError(f"encoder.bf16_linears {self.encoder.bf16_linears!r}: stage 1 trains and saves the "
+                             "encoder in full precision; use none here (bf16_linears is for embedding and queries)")
         if self.objective == "mntp" and not (self.data.text or self.data.cupl_train or self.data.groups):
             raise ValueError("mntp needs text: data.text, data.groups or data.cupl_train")
         return self
