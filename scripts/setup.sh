@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up the project-local environment (.venv) from nothing; quick when already done.
-# torch/torchvision come first, pinned to the builds this machine kind has on disk, so that
-# no later requirement can pull a multi-GB CUDA build of torch from the registry.
+# torch/torchvision come first and pinned (2.14.1 / 0.29.1: the build carries CUDA libraries, about 5.5 GB, and
+# runs on a CPU too), so that no later requirement resolves torch to another multi-GB build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
