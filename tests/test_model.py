@@ -211,6 +211,47 @@ def test_stage2_adamw_is_fused_where_it_applies_and_equals_the_loop():
     assert not can_fuse([torch.zeros(2, dtype=torch.long)]) and not can_fuse([])
 
 
+def test_a_checkpoint_of_the_loop_optimizer_resumes_fused_also_under_a_grad_scaler(tmp_path):
+    """A checkpoint written before the fused kernel (its groups say fused: None) resumes on the fused kernel; left
+    as loaded, the optimizer ran the loop while telling a GradScaler it unscales itself, and fp16 runs crashed."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_model
+
+    from llm2clip.model import MODEL_WEIGHTS
+    from llm2clip.train.checkpoint import load_weights_and_optimizer
+    from llm2clip.train.optim import build_optimizer
+
+    cfg = SimpleNamespace(lr=1e-2, weight_decay=0.05, layer_decay=1.0, visual_lr=None, text_lr=None,
+                          betas=(0.9, 0.98), eps=1e-6)
+    torch.manual_seed(0)
+    m = LLM2CLIP(ModelConfig(vision=SMALL, embed_dim=8), text_dim=6)
+    groups = param_groups(m, cfg.lr, cfg.weight_decay)
+    for g in groups:
+        g.pop("names")
+    old = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)  # as an earlier version built it
+    img, txt = m(torch.randn(4, 3, 16, 16), torch.randn(4, 6))
+    (img @ txt.T).logsumexp(1).mean().backward()
+    old.step()
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_model(m, str(ckpt / MODEL_WEIGHTS))
+    state = old.state_dict()
+    assert all(g["fused"] is None for g in state["param_groups"])
+
+    new = build_optimizer(m, cfg)
+    load_weights_and_optimizer(m, new, ckpt, state, sharded=False, device=torch.device("cpu"))
+    assert all(g["fused"] for g in new.param_groups)
+    assert all(s["step"].dtype == torch.float32 for s in new.state.values())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    new.zero_grad()
+    img, txt = m(torch.randn(4, 3, 16, 16), torch.randn(4, 6))
+    scaler.scale((img @ txt.T).logsumexp(1).mean()).backward()
+    scaler.step(new)  # raised "Expected grad_scale and found_inf to be None" when the loaded flags stayed
+    scaler.update()
+    assert all(s["step"].item() == 2 for s in new.state.values())
+
+
 def test_grad_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     m = LLM2CLIP(ModelConfig(vision=SMALL, embed_dim=8, head_init_std=0.02), text_dim=6)

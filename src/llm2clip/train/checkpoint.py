@@ -99,6 +99,7 @@ def load_weights_and_optimizer(model, optimizer, ckpt: Path, optimizer_state: di
 
     from ..model import MODEL_WEIGHTS
     from .fsdp import DCP_DIR, load_sharded
+    from .optim import restore_kernel
 
     if (ckpt / DCP_DIR).is_dir():
         load_sharded(model, optimizer, ckpt / DCP_DIR)
@@ -109,6 +110,7 @@ def load_weights_and_optimizer(model, optimizer, ckpt: Path, optimizer_state: di
     else:
         load_model(model, str(ckpt / MODEL_WEIGHTS), device=str(device))
         optimizer.load_state_dict(optimizer_state)
+    restore_kernel(optimizer)
 
 
 def export_checkpoint_model(ckpt: str | Path, out: str | Path) -> Path:

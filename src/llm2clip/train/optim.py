@@ -83,7 +83,27 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     for g in groups:
         g.pop("names")
     fused = can_fuse(p for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+    opt.llm2clip_kernel = {"fused": opt.defaults.get("fused"), "foreach": opt.defaults.get("foreach")}
+    return opt
+
+
+def restore_kernel(optimizer: torch.optim.Optimizer) -> None:
+    """After loading a checkpoint: its param groups carry the kernel flags of the run that saved it (an earlier
+    version's: not fused), which would leave this optimizer on the loop while it still tells a GradScaler that it
+    unscales itself. Put back this run's choice, with the step counters the fused kernel expects (float32, on the
+    parameters' device)."""
+    kernel = getattr(optimizer, "llm2clip_kernel", None)
+    if kernel is None:
+        return
+    for g in optimizer.param_groups:
+        g.update(kernel)
+        if not kernel["fused"]:
+            continue
+        for p in g["params"]:
+            st = optimizer.state.get(p)
+            if st is not None and "step" in st:
+                st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device)
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
