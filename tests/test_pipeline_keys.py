@@ -9,6 +9,7 @@ import sys
 import typing
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel
 
 from llm2clip.features.extract import EmbedConfig
@@ -140,6 +141,32 @@ def test_run_made_before_key_version_2_is_adopted(tmp_path):
     _old_run(tmp_path, {"x": 1, "y": 0}, {"z": 2, "w": 0})
     Runner(tmp_path, stages({"x": 5, "y": 0}, {"x": 5})).run()
     assert calls == ["a", "b"]
+
+
+def test_stage1_of_a_run_with_bf16_linears_trains_in_full_precision(tmp_path):
+    """llm.bf16_linears is for embedding and queries: stage 1 gets the encoder without it (it refuses it), the
+    embedding stages keep it."""
+    from llm2clip.finetune.config import FinetuneConfig
+
+    d = plan.load_pipeline_config("smoke").model_dump(mode="json", exclude_unset=True)
+    d["llm"] = {**d["llm"], "dtype": "float32", "bf16_linears": "mlp"}
+    d["run_dir"] = str(tmp_path / "run")
+    stages = {s.name: s for s in plan.build_stages(PipelineConfig.model_validate(d))}
+    ft = stages["stage1/llm-cc"].args[0]
+    assert ft["encoder"]["bf16_linears"] == "none"
+    FinetuneConfig.model_validate(ft)  # accepted
+    assert stages["embed/llm-raw"].args[0]["encoder"]["bf16_linears"] == "mlp"
+    assert "bf16_linears" not in stages["stage1/llm-cc"].key["encoder"]
+
+
+def test_loading_with_another_dtype_drops_bf16_linears():
+    from llm2clip.api import _with_runtime
+    from llm2clip.text.config import LLMEncoderConfig
+
+    cfg = LLMEncoderConfig(model="tiny-random-llama", dtype="float32", bf16_linears="mlp")
+    assert _with_runtime(cfg, "cpu", torch.bfloat16).bf16_linears == "none"
+    assert _with_runtime(cfg, "cpu", torch.float32).bf16_linears == "mlp"
+    assert _with_runtime(cfg, "cpu", None).bf16_linears == "mlp"
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:

@@ -148,6 +148,8 @@ def _with_runtime(cfg, device: str, dtype: torch.dtype | None):
         update["device"] = device
     if dtype is not None and "dtype" in type(cfg).model_fields:
         update["dtype"] = _LLM_DTYPE_NAMES[dtype]
+        if update["dtype"] != "float32" and getattr(cfg, "bf16_linears", "none") != "none":
+            update["bf16_linears"] = "none"  # bf16_linears runs over fp32 weights; the asked dtype replaces it
     return cfg.model_copy(update=update) if update else cfg
 
 

@@ -119,7 +119,8 @@ def _build_stages(cfg: PipelineConfig) -> list[Stage]:
         st1 = cfg.stage1
         ft = {
             "objective": "contrastive",
-            "encoder": _dump(cfg.teacher_llm(name)),
+            # stage 1 trains in full precision (bf16_linears is for embedding and queries)
+            "encoder": _dump(cfg.teacher_llm(name).model_copy(update={"bf16_linears": "none"})),
             "out": str(run_dir / "stage1" / name),
             "lora": _dump(st1.lora),
             "data": {"cupl_train": True, "cupl_per_class": st1.cupl_per_class,
