@@ -143,6 +143,32 @@ def test_run_made_before_key_version_2_is_adopted(tmp_path):
     assert calls == ["a", "b"]
 
 
+def test_an_interrupted_stage_of_an_earlier_version_keeps_its_checkpoints(tmp_path):
+    """Interrupted under the earlier key format with the same settings: re-keyed with its status, so the rerun
+    resumes it from its files instead of clearing its folder."""
+    from llm2clip.pipeline.runner import Stage
+
+    seen = []
+
+    def b_stage(folder):
+        seen.append(sorted(p.name for p in (tmp_path / "b").iterdir()))
+
+    _old_run(tmp_path, {"x": 1, "y": 0}, {"z": 2, "w": 0})
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    m["stages"]["b"]["status"] = "running"
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "step-000100").write_text("checkpoint")
+    stages = [Stage("a", {"x": 1}, list, (), legacy_key={"x": 1, "y": 0}),
+              Stage("b", {"z": 2}, b_stage, ("b",), deps=["a"], legacy_key={"z": 2, "w": 0})]
+    r = Runner(tmp_path, stages)
+    assert r.is_done(stages[0]) and not r.is_done(stages[1])
+    r.run()
+    assert seen == [["step-000100"]]  # resumed over its checkpoint, not started over in an empty folder
+    rec = json.loads((tmp_path / "manifest.json").read_text())["stages"]
+    assert rec["b"]["status"] == "done" and rec["a"]["key_before"] and rec["b"]["key_before"]
+
+
 def test_stage1_of_a_run_with_bf16_linears_trains_in_full_precision(tmp_path):
     """llm.bf16_linears is for embedding and queries: stage 1 gets the encoder without it (it refuses it), the
     embedding stages keep it."""

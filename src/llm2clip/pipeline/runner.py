@@ -98,21 +98,28 @@ class Runner:
         return stable_hash({"key": text, "deps": deps})
 
     def _adopt_legacy(self) -> None:
-        """A stage finished under the earlier key format (every setting in its key) with today's settings takes
-        today's key, so the upgrade that changed the format does not redo finished work. Settings added since
-        that run count as the same when they are at their defaults (absent from today's key)."""
-        old_keys: dict[str, str] = {}  # the adopted stages' recorded keys: what their dependants hashed
+        """A stage recorded under the earlier key format (every setting in its key) with today's settings takes
+        today's key, so the upgrade that changed the format neither redoes finished work nor clears an
+        interrupted stage's checkpoints (its status stays: it resumes). Settings added since that run count as
+        the same when they are at their defaults (absent from today's key)."""
+        old_keys: dict[str, str] = {}  # the earlier-format keys of adopted stages: what their dependants hashed
+        changed = False
         for st in self.stages:
             rec = self.record(st.name)
-            if st.legacy_key is None or not rec or rec.get("status") != "done" or rec.get("key") == self.keys[st.name]:
+            if st.legacy_key is None or not rec:
+                continue
+            if rec.get("key") == self.keys[st.name]:  # today's key (adopted by an earlier run, or new)
+                if "key_before" in rec:
+                    old_keys[st.name] = rec["key_before"]
                 continue
             if any(d not in old_keys for d in st.deps):
                 continue
             then = _without_new_defaults(st.legacy_key, rec.get("inputs"), st.key)
             if rec.get("key") == self._hash(then, {d: old_keys[d] for d in st.deps}):
                 old_keys[st.name] = rec["key"]
-                rec.update(key=self.keys[st.name], inputs=st.key)
-        if old_keys:
+                rec.update(key=self.keys[st.name], inputs=st.key, key_before=rec["key"])
+                changed = True
+        if changed:
             self._save()
 
     def _read_manifest(self) -> dict:
@@ -145,8 +152,10 @@ class Runner:
         rec = self.record(st.name)
         if rec and rec.get("key") != self.keys[st.name] and st.clear:
             shutil.rmtree(self.run_dir / st.name, ignore_errors=True)  # made from other inputs: start over
-        self.manifest["stages"][st.name] = {"key": self.keys[st.name], "inputs": st.key, "status": "running",
-                                            "started": _now()}
+        new = {"key": self.keys[st.name], "inputs": st.key, "status": "running", "started": _now()}
+        if rec and rec.get("key") == new["key"] and "key_before" in rec:  # resumed after adoption: keep the chain
+            new["key_before"] = rec["key_before"]
+        self.manifest["stages"][st.name] = new
         self._save()
 
     def _finish(self, st: Stage, result: dict, seconds: float) -> None:
