@@ -87,6 +87,15 @@ def test_an_id_with_two_captions_is_the_same_error(tmp_path, knobs):
         plan_sources(sources, tmp_path / "plan", **knobs)
     assert str(got.value) == str(want.value)
     assert "b.jsonl:1: id 'img20/c' was given at " in str(got.value) and "a.jsonl:21" in str(got.value)
+    assert not (tmp_path / "plan").exists()  # an input error leaves no scratch behind
+
+
+def test_a_caption_that_is_not_utf8_names_its_line(tmp_path):
+    f = tmp_path / "s.jsonl"
+    f.write_text('{"id": "a", "caption": "fine"}\n{"id": "b", "caption": "bad \\ud800 half"}\n')
+    with pytest.raises(InputError, match=r"s.jsonl:2: not encodable as UTF-8"):
+        plan_sources([FileSource(path=str(f), format="jsonl")], tmp_path / "plan")
+    assert not (tmp_path / "plan").exists()
 
 
 def test_no_captions(tmp_path):
@@ -132,7 +141,7 @@ def test_a_crash_mid_plan_then_a_rerun_equals_one_run(tmp_path, sources, monkeyp
     monkeypatch.setattr(plan_mod, "_write_keys", boom)
     with pytest.raises(RuntimeError, match="killed mid-plan"):  # a new job: only the plan folder exists
         run_embedding(cfg)
-    assert [p.name for p in Path(cfg.out).iterdir()] == ["plan"]
+    assert not list(Path(cfg.out).iterdir())  # an error mid-plan leaves no scratch behind
     monkeypatch.setattr(plan_mod, "_write_keys", real)
 
     import llm2clip.features.extract as ex

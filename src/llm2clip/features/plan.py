@@ -205,8 +205,16 @@ def plan_captions(records: Records, folder: str | Path, *, empty: str = "no capt
                   sample: int = SAMPLE) -> Plan:
     """Plan the captions ``records()`` yields ((id, text, where), validated) into the empty or stale folder
     ``folder`` (cleared first). ``chunk``, ``part``, ``hash_buckets``, ``sample``: memory knobs (the result
-    does not depend on them)."""
-    folder = Path(folder)
+    does not depend on them). On an input error (or any other) the folder is removed: no scratch left behind."""
+    try:
+        return _plan_captions(records, Path(folder), empty, chunk, part, hash_buckets, sample)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _plan_captions(records: Records, folder: Path, empty: str, chunk: int, part: int, hash_buckets: int,
+                   sample: int) -> Plan:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     bits = max(1, int(hash_buckets - 1).bit_length())
@@ -246,9 +254,12 @@ def plan_captions(records: Records, folder: str | Path, *, empty: str = "no capt
         buf_i.clear()
 
     try:
-        for cid, text, _ in records():
-            buf_i.append(cid.encode("utf-8"))
-            buf_t.append(text.encode("utf-8"))
+        for cid, text, where in records():
+            try:
+                buf_i.append(cid.encode("utf-8"))
+                buf_t.append(text.encode("utf-8"))
+            except UnicodeEncodeError as err:  # e.g. a lone surrogate, valid in JSON ("\ud800"), not in UTF-8
+                raise InputError(f"{where}: not encodable as UTF-8 ({err.reason} at {err.start})") from None
             n += 1
             if len(buf_t) >= chunk:
                 flush()
@@ -264,6 +275,7 @@ def plan_captions(records: Records, folder: str | Path, *, empty: str = "no capt
     n_ranges = -(-n // span)
 
     # 2. repeated ids: the same caption again is skipped; another caption is an error
+    rows_blob = None
     repeats = _Spill(folder, "repeats", _I8, spills)
     n_repeats, conflict = 0, None
     try:
@@ -382,6 +394,8 @@ def plan_captions(records: Records, folder: str | Path, *, empty: str = "no capt
         ids.close()
         for spill in spills:
             spill.close()
+        if rows_blob is not None:  # closed already unless step 5 raised
+            rows_blob.close()
     plan = Plan(folder, rows=n_rows, ids=n_ids, records=n, repeated_ids=n_repeats, fingerprint=digest.hexdigest(),
                 keys=keys)
     for name in ("texts.bin", "texts.end", "ids.bin", "ids.end", "record_rows.i8"):
