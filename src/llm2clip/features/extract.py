@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..config import StrictModel, load_config
 from ..data.jsonl import is_manifest, read_jsonl, read_manifest, warn_old_shape
 from ..distributed import from_rank0
-from ..errors import InputError
+from ..errors import InputError, Llm2ClipError
 from ..jobs import Job
 from ..text.config import TextEncoderConfig
 from .plan import Plan, plan_captions
@@ -394,7 +394,8 @@ def _on_every_rank(dist: Dist, fn):
             fn()
         except Exception as e:  # re-raised below, on every rank
             err = e
-    got = from_rank0(None if err is None else err if isinstance(err, InputError) else
+    # our errors travel as they are (one line each on every rank); anything else as what it was on rank 0
+    got = from_rank0(None if err is None else err if isinstance(err, Llm2ClipError) else
                      RuntimeError(f"rank 0 failed: {type(err).__name__}: {err}"))
     if err is not None:
         raise err
