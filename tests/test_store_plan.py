@@ -169,6 +169,32 @@ def test_a_crash_mid_plan_then_a_rerun_equals_one_run(tmp_path, sources, monkeyp
     assert sorted(p.name for p in Path(cfg.out).iterdir()) == sorted(dir_bytes(ref))
 
 
+def test_a_finished_store_is_checked_against_a_plan_made_outside_it(tmp_path, sources, monkeypatch):
+    """A rerun on a finished store plans (to check the captions) in a temporary folder, not in the store."""
+    import llm2clip.features.extract as ex
+
+    cfg = embed_config(tmp_path, sources)
+    run_embedding(cfg)
+    before = dir_bytes(cfg.out)
+    seen, real = [], ex.plan_sources
+
+    def spy(srcs, folder, **kw):
+        seen.append(Path(folder))
+        return real(srcs, folder, **kw)
+
+    monkeypatch.setattr(ex, "plan_sources", spy)
+    run_embedding(cfg)
+    assert len(seen) == 1 and Path(cfg.out) not in seen[0].parents
+    assert not seen[0].exists() and not seen[0].parent.exists()  # removed afterwards
+    assert dir_bytes(cfg.out) == before
+    # the check still compares: other captions for the finished store are refused
+    other = embed_config(tmp_path, sources[:1])
+    other = other.model_copy(update={"out": cfg.out})
+    with pytest.raises(InputError, match="other settings or captions"):
+        run_embedding(other)
+    assert dir_bytes(cfg.out) == before
+
+
 def test_a_foreign_folder_is_refused_before_any_plan(tmp_path, sources):
     (tmp_path / "store").mkdir()
     (tmp_path / "store" / "notes.txt").write_text("mine")

@@ -16,6 +16,7 @@ import csv
 import hashlib
 import logging
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -360,13 +361,22 @@ def _not_ours(out: Path) -> str:
     return f"{out}: not empty and not a store of this job; choose an empty or new 'out'"
 
 
-def _plan_on_rank0(config: EmbedConfig, out: Path) -> Plan:
-    """Rank 0: claim 'out' and plan into out/plan (replanned on every run: the captions may have changed)."""
-    Job(out, JOB_KIND, STORE_MANIFEST, error=StoreError)  # this process is the folder's one writer from here
+def _plan_on_rank0(config: EmbedConfig, out: Path) -> Path:
+    """Rank 0: claim 'out' and plan into out/plan (replanned on every run: the captions may have changed); for
+    a finished store, whose check against the captions needs a plan too, into a temporary folder outside it
+    (a finished store is not written to). Returns the plan's folder."""
+    job = Job(out, JOB_KIND, STORE_MANIFEST, error=StoreError)  # this process is the folder's one writer from here
     if out.is_dir() and not (out / JOB_FILE).is_file() and not (out / STORE_MANIFEST).is_file() and any(
             p.name != PLAN_DIR for p in out.iterdir()):
         raise StoreError(_not_ours(out))  # before a plan is written into someone else's folder
-    return plan_sources(config.captions, out / PLAN_DIR)
+    folder = Path(tempfile.mkdtemp(prefix="llm2clip-plan-")) / PLAN_DIR if job.is_complete() else out / PLAN_DIR
+    try:
+        plan_sources(config.captions, folder)
+    except BaseException:
+        if folder.parent != out:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+        raise
+    return folder
 
 
 def _prepare_out(out: Path, record: dict) -> bool:
@@ -424,7 +434,24 @@ def run_embedding(config: EmbedConfig, *, encoder=None, progress: bool | None = 
     enc_cfg = _encoder_for_rank(config.encoder, dist)
     dist.init(getattr(enc_cfg, "device", "cpu") or "cpu")
     out = Path(config.out)
-    _on_every_rank(dist, lambda: _plan_on_rank0(config, out))  # every input error before any model loads
+    where = [out / PLAN_DIR]
+    _on_every_rank(dist, lambda: where.__setitem__(0, _plan_on_rank0(config, out)))  # input errors before models
+    if from_rank0(where[0] != out / PLAN_DIR):  # finished: rank 0 checks it against a plan made aside, alone
+        done = [False]
+        try:
+            def check():
+                enc = encoder or build_text_encoder(enc_cfg)
+                rec = _job_record(config, Plan.open(where[0]), _jsonable(enc.identity()), int(enc.dim))
+                done[0] = _prepare_out(out, rec)
+
+            _on_every_rank(dist, check)
+        finally:
+            if dist.rank == 0:
+                shutil.rmtree(where[0].parent, ignore_errors=True)
+        if not from_rank0(done[0]):
+            raise StoreError(f"{out}: was complete when planned and is not now; another process changed it")
+        log.info("%s: already complete", out)
+        return out
     if dist.rank != 0 and not (out / PLAN_DIR / "plan.json").is_file():
         raise StoreError(f"{out}: not visible from rank {dist.rank}; 'out' must be on a shared filesystem")
     plan = Plan.open(out / PLAN_DIR)
