@@ -281,21 +281,16 @@ def test_truncated_captions_of_the_store_are_warned_about_and_recorded(tmp_path,
     bow_store(cfg, tmp_path / "store")
     mf = tmp_path / "store" / "manifest.json"
     mf.write_text(json.dumps({**json.loads(mf.read_text()), "truncated_captions": 5}))  # as newer stores record
-    cfg = _cfg(tmp_path / "run", train__steps=1, data__features={"store": str(tmp_path / "store")})
-    with caplog.at_level("WARNING", logger="llm2clip.train.loop"):
-        fit(cfg, progress=False)
-    assert sum("5 caption(s) truncated" in r.getMessage() for r in caplog.records) == 1
-    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0] == {"step": 0, "truncated_captions": 5}
+    # a second run on the store in the same process (a pipeline trains many) records it without a new warning
+    for run in ("run", "run2"):
+        cfg = _cfg(tmp_path / run, train__steps=1, data__features={"store": str(tmp_path / "store")})
+        with caplog.at_level("WARNING", logger="llm2clip.train.loop"):
+            fit(cfg, progress=False)
+        assert sum("5 caption(s) truncated" in r.getMessage() for r in caplog.records) == 1
+        rows = [json.loads(ln) for ln in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert rows[0] == {"step": 0, "truncated_captions": 5}
     assert json.loads((tmp_path / "run" / "model" / "llm2clip_model.json").read_text())["training"][
         "truncated_captions"] == 5
-    # a second run on the store in the same process (a pipeline trains many) records it without a new warning
-    cfg2 = _cfg(tmp_path / "run2", train__steps=1, data__features={"store": str(tmp_path / "store")})
-    with caplog.at_level("WARNING", logger="llm2clip.train.loop"):
-        fit(cfg2, progress=False)
-    assert sum("5 caption(s) truncated" in r.getMessage() for r in caplog.records) == 1
-    rows = [json.loads(ln) for ln in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0] == {"step": 0, "truncated_captions": 5}
 
 
 def test_a_resumed_run_logs_the_bad_image_count_of_the_whole_run(tmp_path):
