@@ -109,6 +109,30 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
+def interleaved(cases: dict, rounds: int, reps: int = 1) -> tuple[dict[str, list[float]], list[float]]:
+    """Seconds per call of each case, per round (each round times every case in turn, ``reps`` calls each, so a
+    neighbour's load shifts them alike), and the 1-minute load average after each round."""
+    per: dict[str, list[float]] = {k: [] for k in cases}
+    loads = []
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            per[name].append((time.perf_counter() - t) / reps)
+        loads.append(load1())
+    return per, loads
+
+
+def preset_model_config():
+    """The quickstart preset's stage-2 model: tower patch 8 / width 96, the adapter."""
+    from llm2clip.model import ModelConfig
+
+    cfg = copy.deepcopy(BASE["model"])
+    cfg["vision"].update(patch_size=8, width=96)
+    return ModelConfig.model_validate(cfg)
+
+
 class Harness:
     """A trainer built up to its loader, stepped by hand (no evaluation, no checkpoints)."""
 
@@ -248,14 +272,8 @@ def cmd_data(args) -> None:
         for b in keys:
             ds.__getitems__(b)
 
-    per: dict[str, list[float]] = {"one by one": [], "batched": []}
-    loads = []
-    for _ in range(args.rounds):
-        for name, fn in (("one by one", one_by_one), ("batched", batched)):
-            t0 = time.perf_counter()
-            fn()
-            per[name].append((time.perf_counter() - t0) / len(keys) * 1e3)
-        loads.append(load1())
+    secs, loads = interleaved({"one by one": one_by_one, "batched": batched}, args.rounds)
+    per = {k: [1e3 * x / len(keys) for x in v] for k, v in secs.items()}
     ratios = [a / b for a, b in zip(per["one by one"], per["batched"])]
     print(f"\n{len(keys)} batches of {len(keys[0])}, {args.rounds} interleaved rounds, 1 thread; 1-min load average "
           f"per round: {', '.join(f'{x:.2f}' for x in loads)}\n")
@@ -403,13 +421,11 @@ def cmd_overhead(args) -> None:
     import torch.nn.functional as F
     from torch.func import functional_call, stack_module_state, vmap
 
-    from llm2clip.model import LLM2CLIP, ModelConfig
+    from llm2clip.model import LLM2CLIP
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model_cfg = copy.deepcopy(BASE["model"])
-    model_cfg["vision"].update(patch_size=8, width=96)
-    cfg = ModelConfig.model_validate(model_cfg)
+    cfg = preset_model_config()
     B, N = BASE["train"]["batch_size"], args.models
     models = [LLM2CLIP(cfg, text_dim=576) for _ in range(N)]
     images, texts = torch.randn(N, B, 3, 32, 32), torch.randn(N, B, 576)
@@ -450,15 +466,8 @@ def cmd_overhead(args) -> None:
              f"vmapped ensemble of {N}": ensemble}
     for fn in cases.values():
         fn()
-    per: dict[str, list[float]] = {k: [] for k in cases}
-    loads = []
-    for _ in range(args.rounds):
-        for name, fn in cases.items():
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                fn()
-            per[name].append(N * B * args.steps / (time.perf_counter() - t))
-        loads.append(load1())
+    secs, loads = interleaved(cases, args.rounds, args.steps)
+    per = {k: [N * B / x for x in v] for k, v in secs.items()}  # images/s
     first = next(iter(per))
     print(f"\n{N} models x batch {B}, 1 thread, {args.rounds} interleaved rounds of {args.steps} steps; "
           f"torch.compile's first call {compile_s:.0f} s; 1-min load average per round: "
@@ -476,17 +485,15 @@ def cmd_adamw(args) -> None:
     PyTorch's per-tensor loop (its CPU default), foreach, and the fused kernel (what build_optimizer picks)."""
     import torch
 
-    from llm2clip.model import LLM2CLIP, ModelConfig
+    from llm2clip.model import LLM2CLIP
     from llm2clip.train.optim import param_groups
 
     torch.set_num_threads(1)
-    model_cfg = copy.deepcopy(BASE["model"])
-    model_cfg["vision"].update(patch_size=8, width=96)
     cases = {}
     for name, kw in (("per-tensor loop (CPU default)", {"foreach": False}), ("foreach", {"foreach": True}),
                      ("fused (build_optimizer)", {"fused": True})):
         torch.manual_seed(0)
-        m = LLM2CLIP(ModelConfig.model_validate(model_cfg), text_dim=576)
+        m = LLM2CLIP(preset_model_config(), text_dim=576)
         groups = param_groups(m, 1e-3, 0.05)
         for g in groups:
             g.pop("names")
@@ -496,15 +503,8 @@ def cmd_adamw(args) -> None:
         cases[name] = opt
     params = sum(p.numel() for g in next(iter(cases.values())).param_groups for p in g["params"])
     tensors = sum(len(g["params"]) for g in next(iter(cases.values())).param_groups)
-    per: dict[str, list[float]] = {k: [] for k in cases}
-    loads = []
-    for _ in range(args.rounds):
-        for name, opt in cases.items():
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                opt.step()
-            per[name].append(1e3 * (time.perf_counter() - t) / args.steps)
-        loads.append(load1())
+    secs, loads = interleaved({k: opt.step for k, opt in cases.items()}, args.rounds, args.steps)
+    per = {k: [1e3 * x for x in v] for k, v in secs.items()}  # ms per step
     first = next(iter(per))
     print(f"\n{params / 1e6:.2f} M parameters in {tensors} tensors, 1 thread, {args.rounds} interleaved rounds of "
           f"{args.steps} steps; 1-min load average per round: " + ", ".join(f"{x:.2f}" for x in loads) + "\n")
