@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
+from tiny import make_encoder as make
 
 from llm2clip.errors import ConfigError
 from llm2clip.identity import NUMERICS, numerics_diff, numerics_note
@@ -26,8 +27,6 @@ CAPTIONS = [
 ]
 
 
-def make(path, **kw) -> CaptionEncoder:
-    return CaptionEncoder.from_config(LLMEncoderConfig(model=str(path), **kw))
 
 
 @pytest.mark.parametrize("which", ["mlp", "all"])

@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+from tiny import make_encoder as make
 
 from llm2clip.errors import ConfigError, InputError
-from llm2clip.text import CaptionEncoder, LLMEncoderConfig
+from llm2clip.text import CaptionEncoder
 from llm2clip.text.attention import attention_inputs
 from llm2clip.text.pooling import pool
 
@@ -18,8 +19,6 @@ CAPTIONS = [
 ]
 
 
-def make(path, **kw) -> CaptionEncoder:
-    return CaptionEncoder.from_config(LLMEncoderConfig(model=str(path), **kw))
 
 
 def token_states(enc, ids, bidirectional=None):
